@@ -1,0 +1,43 @@
+"""Session-wide fixtures: a small livedoor-format corpus, its prepared dataset and a tiny BERT.
+
+They are built once per test session (a few seconds) and reused by every test that needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Quiet, offline and reproducible, as .envrc sets for users; set before transformers is imported.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from fake_corpus import write_corpus  # noqa: E402
+from tiny_bert import build_tiny_bert, read_texts  # noqa: E402
+
+ARTICLES_PER_CATEGORY = 30  # 270 articles: train 216 / val 27 / test 27
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/text as download.sh leaves it: 9 category folders, LICENSE.txt files, README/CHANGES."""
+    return write_corpus(tmp_path_factory.mktemp("data") / "text", ARTICLES_PER_CATEGORY)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Path:
+    """datasets/livedoor as prepare.py writes it, with all 10 folds."""
+    import prepare
+
+    output_dir = tmp_path_factory.mktemp("datasets") / "livedoor"
+    prepare.main(prepare.Args().parse_args(["--input_dir", str(corpus_dir), "--output_dir", str(output_dir), "--num_folds", "10"]))
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path) -> Path:
+    """A tiny random-weight BERT with a real BertJapaneseTokenizer, loadable by the Auto* classes."""
+    return build_tiny_bert(read_texts(dataset_dir), tmp_path_factory.mktemp("models") / "tiny-bert")
