@@ -118,7 +118,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds the CUDA and MPS generators
 
 
-def run_cli(main: Callable[[Any], None], args: Any) -> None:
+def run_cli(main: Callable[[Any], object], args: Any) -> None:
     """Run a stage's main(args); user errors end in one clear line on stderr and exit code 1."""
     try:
         main(args)

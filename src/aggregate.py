@@ -1,0 +1,345 @@
+"""Collect finished runs of train.py into results tables and a plot.
+
+    poetry run python src/aggregate.py --input_dir outputs --output_dir results
+
+Writes results/all.csv (one row per run), results/best.csv (per model, the setting with the best
+mean val F1, with mean and std over its seeds/folds), results/best.md (the Markdown table of
+best.csv) and results/best.png (test F1 per model). Nothing is downloaded: parameter counts come
+from each run's config.json.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tap import Tap
+
+import utils
+
+
+class Args(Tap):
+    input_dir: Path = Path("outputs")  # folder searched recursively for run folders (those holding config.json)
+    output_dir: Path = Path("results")  # where all.csv, best.csv, best.md and best.png are written
+
+
+METRICS = ("loss", "accuracy", "precision", "recall", "f1")
+SCORES = ("accuracy", "precision", "recall", "f1")  # the metrics reported with a std, in percent
+
+# Runs that differ only in these are repetitions of one setting: their scores are averaged.
+REPETITION_FIELDS = ("seed", "dataset_dir")
+# Fields of config.json that say how or where a run was executed, or what it found, not what it learned.
+# Every other scalar field is part of the setting, so an unknown new argument splits settings
+# instead of silently averaging different experiments together.
+NOT_SETTING_FIELDS = frozenset(
+    [
+        *REPETITION_FIELDS,
+        # execution: same training, different machine, speed or bookkeeping
+        "output_root",
+        "run_dir",
+        "device",
+        "num_workers",
+        "eval_batch_size",
+        "save_model",
+        "compile",
+        # run facts, measured rather than chosen
+        "num_params",
+        "num_labels",
+        "environment",
+    ]
+)
+
+NUMBER = (int, float)  # a JSON number
+# Required fields of each run file with the JSON types they must have.
+CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
+    "model_name": (str,),
+    "lr": NUMBER,
+    "seed": (int,),
+    "dataset_dir": (str,),
+    "num_params": (int,),
+}
+VAL_FIELDS: dict[str, tuple[type, ...]] = {"best-epoch": (int,), **{m: NUMBER for m in METRICS}}
+TEST_FIELDS: dict[str, tuple[type, ...]] = {m: NUMBER for m in METRICS}
+
+# A Hugging Face Hub id: "name" or "owner/name" of letters, digits, "-", "_", ".".
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", re.ASCII)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Folders under `root` holding config.json, sorted.
+
+    The search does not descend into a run folder: a model saved inside a run (save_pretrained
+    writes its own config.json) is part of that run, not another one. Hidden folders are searched
+    too: a local model "./x" gets the folder ".__x".
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "config.json" in filenames:
+            found.append(Path(dirpath))
+            dirnames.clear()  # do not descend into a run
+    return sorted(found)
+
+
+def is_finished(run_dir: Path) -> bool:
+    # train.py writes test-metrics.json last.
+    return (run_dir / "test-metrics.json").is_file()
+
+
+def read_json_object(run_dir: Path, name: str, fields: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+    """One JSON object of a run folder, checked for the fields it must have; InputError says what is wrong."""
+    path = run_dir / name
+    if not path.is_file():
+        raise utils.InputError(f"{name} is missing")
+    try:
+        data = utils.load_json(path)
+    except utils.InputError as e:
+        # load_json names the whole path; the run folder is already named in the report.
+        raise utils.InputError(str(e).replace(str(path), name, 1)) from None
+    if not isinstance(data, dict):
+        raise utils.InputError(f"{name}: expected a JSON object, got {type(data).__name__}")
+    missing = [key for key in fields if key not in data]
+    if missing:
+        raise utils.InputError(f"{name}: missing {', '.join(missing)}")
+    for key, types in fields.items():
+        # bool is an int in Python, but true/false is never a valid score or count.
+        if isinstance(data[key], bool) or not isinstance(data[key], types):
+            expected = " or ".join(t.__name__ for t in types)
+            raise utils.InputError(f"{name}: {key} is {data[key]!r}, expected {expected}")
+    return data
+
+
+def load_run(
+    run_dir: Path,
+    config_fields: dict[str, tuple[type, ...]] = CONFIG_FIELDS,
+    val_fields: dict[str, tuple[type, ...]] = VAL_FIELDS,
+    test_fields: dict[str, tuple[type, ...]] = TEST_FIELDS,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """config, val metrics and test metrics of a finished run; InputError says what is wrong."""
+    config = read_json_object(run_dir, "config.json", config_fields)
+    val = read_json_object(run_dir, "val-metrics.json", val_fields)
+    test = read_json_object(run_dir, "test-metrics.json", test_fields)
+    return config, val, test
+
+
+def run_row(
+    run_dir: Path,
+    config: dict[str, Any],
+    val: dict[str, Any],
+    test: dict[str, Any],
+    metrics: tuple[str, ...] = METRICS,
+) -> dict[str, Any]:
+    """The all.csv row of one run (without the extra hyperparameter columns)."""
+    return {
+        "model_name": config["model_name"],
+        "lr": config["lr"],
+        "seed": config["seed"],
+        "dataset": config["dataset_dir"],
+        "best-val-epoch": val["best-epoch"],
+        "best-val-f1": val["f1"],
+        **{metric: test[metric] for metric in metrics},
+        "num_params": config["num_params"],
+        "run_dir": str(run_dir),
+    }
+
+
+def setting_of(config: dict[str, Any], ignored: frozenset[str] = NOT_SETTING_FIELDS) -> dict[str, Any]:
+    """The hyperparameters that define what a run learned: every field not in `ignored`.
+
+    A list (e.g. text_fields) becomes its JSON text, so that it can be compared and grouped.
+    """
+    return {
+        key: utils.to_json(value) if isinstance(value, (list, dict)) else value
+        for key, value in config.items()
+        if key not in ignored
+    }
+
+
+def varying_fields(settings: pd.DataFrame) -> list[str]:
+    """Setting fields (beyond model_name) whose values differ between runs, lr first.
+
+    A field that some runs lack counts as differing: the missing value is a value of its own.
+    """
+    varying = [c for c in settings.columns if c != "model_name" and settings[c].nunique(dropna=False) > 1]
+    return sorted(varying, key=lambda field: field != "lr")  # stable: the others keep the config's order
+
+
+def describe_grouping(varying: list[str], repetition_fields: tuple[str, ...] = REPETITION_FIELDS) -> str:
+    """One line telling the user how runs were grouped into settings."""
+    return (
+        f"settings differ in: {', '.join(varying) or 'nothing'} (beyond model_name); "
+        f"runs differing only in {' or '.join(repetition_fields)} are averaged"
+    )
+
+
+def summarize_settings(runs: pd.DataFrame, keys: list[str], scores: tuple[str, ...] = SCORES) -> pd.DataFrame:
+    """One row per setting (`keys`): number of runs, mean val F1, mean (and std, ddof=1) test metrics.
+
+    The std of a single run is NaN (an empty cell in the CSV): one run says nothing about the spread.
+    """
+    aggregations: dict[str, tuple[str, str]] = {
+        "num_params": ("num_params", "first"),
+        "n_runs": ("f1", "size"),
+        "best-val-f1": ("best-val-f1", "mean"),
+        "loss": ("loss", "mean"),
+    }
+    for score in scores:
+        aggregations[score] = (score, "mean")
+        aggregations[f"{score}_std"] = (score, "std")
+    # dropna=False: a run lacking a field (older train.py) forms its own setting instead of vanishing.
+    return runs.groupby(keys, dropna=False, sort=False).agg(**aggregations).reset_index()
+
+
+def best_settings(settings: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per model, the setting with the best mean val F1 (ties: lower lr, then the other keys); sorted by test F1."""
+    tie_breakers = [k for k in keys if k != "model_name"]
+    ranked = settings.sort_values(
+        ["model_name", "best-val-f1", *tie_breakers],
+        ascending=[True, False, *[True] * len(tie_breakers)],
+        kind="stable",
+    )
+    best = ranked.drop_duplicates("model_name", keep="first")
+    return best.sort_values(["f1", "model_name"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def is_hub_id(model_name: str, pattern: re.Pattern[str] = HUB_ID) -> bool:
+    """Whether `model_name` looks like a Hub id (so it can be linked), not a local folder like ./x or /x.
+
+    A relative folder written without ./ (models/x) cannot be told apart from a Hub id by its name.
+    """
+    return pattern.fullmatch(model_name) is not None and ".." not in model_name
+
+
+def format_params(num_params: int) -> str:
+    """Parameters in millions, as the reference prints them: 111 M (small test models keep 2 digits: 1.2 M)."""
+    millions = num_params / 1e6
+    return f"{millions:.0f} M" if millions >= 10 else f"{millions:.2g} M"
+
+
+def format_score(mean: float, std: float, n_runs: int, bold: bool = False) -> str:
+    """A score in percent, with ± std when there is more than one run."""
+    text = f"{mean * 100:.2f}"
+    if bold:
+        text = f"**{text}**"
+    if n_runs > 1:
+        text += f" ± {std * 100:.2f}"
+    return text
+
+
+def markdown_table(best: pd.DataFrame, scores: tuple[str, ...] = SCORES) -> str:
+    """The reference's results table (Markdown), one row per model, best F1 in bold."""
+    lines = [
+        "| Model | Params | Accuracy | Precision | Recall | F1 | n |",
+        "| ----- | -----: | :------: | :-------: | :----: | :-: | -: |",
+    ]
+    best_f1 = best["f1"].max()
+    for row in best.to_dict("records"):
+        name = row["model_name"]
+        model = f"[{name}](https://huggingface.co/{name})" if is_hub_id(name) else name
+        cells = [
+            format_score(row[s], row[f"{s}_std"], row["n_runs"], bold=(s == "f1" and row["f1"] == best_f1))
+            for s in scores
+        ]
+        lines.append(f"| {model} | {format_params(row['num_params'])} | {' | '.join(cells)} | {row['n_runs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_f1(best: pd.DataFrame) -> bytes:
+    """PNG of a horizontal bar per model: mean test F1 (%) with std error bars where n_runs > 1."""
+    # Imported here: only the plot needs matplotlib, and it is slow to import. The Agg canvas
+    # renders without a display and without pyplot's global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    f1 = best["f1"].to_numpy(dtype=float) * 100
+    has_std = (best["n_runs"] > 1).to_numpy()
+    whisker = np.where(has_std, best["f1_std"].to_numpy(dtype=float) * 100, 0.0)  # std is NaN for one run
+    y = np.arange(len(best))
+
+    fig = Figure(figsize=(8, 1.0 + 0.45 * len(best)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.barh(y, f1, color="tab:blue")
+    ax.errorbar(f1[has_std], y[has_std], xerr=whisker[has_std], fmt="none", ecolor="black", capsize=3)
+    for i in y:
+        ax.annotate(f"{f1[i]:.2f}", (f1[i] + whisker[i], i), xytext=(4, 0), textcoords="offset points", va="center")
+    ax.set_yticks(y, best["model_name"])
+    ax.invert_yaxis()  # best model on top, as in best.csv
+    # Fine-tuned models score close together: zoom in on them (the axis says where it starts).
+    ax.set_xlim(max(0.0, math.floor((f1 - whisker).min()) - 1), min(100.0, math.ceil((f1 + whisker).max()) + 1))
+    ax.set_xlabel("test macro-F1 (%), mean ± std over runs")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def write_text(text: str, path: Path) -> None:
+    with utils.atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes(data: bytes, path: Path) -> None:
+    with utils.atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def main(args: Args) -> None:
+    if not args.input_dir.is_dir():
+        raise utils.InputError(f"{args.input_dir} is not a folder; run src/train.py first (it writes runs there)")
+
+    # Read every finished run; report broken ones and go on.
+    rows, settings, unfinished, broken = [], [], 0, 0
+    for run_dir in find_run_dirs(args.input_dir):
+        if not is_finished(run_dir):
+            unfinished += 1
+            continue
+        try:
+            config, val, test = load_run(run_dir)
+        except utils.InputError as e:
+            print(f"skipped {run_dir}: {e}", file=sys.stderr)
+            broken += 1
+            continue
+        rows.append(run_row(run_dir, config, val, test))
+        settings.append(setting_of(config))
+    print(
+        f"read {len(rows)} finished runs under {args.input_dir}; "
+        f"skipped {unfinished} unfinished, {broken} unreadable"
+    )
+    if not rows:
+        raise utils.InputError(f"no finished run under {args.input_dir}; run src/train.py first")
+
+    # Group runs into settings: repetitions (seed, dataset_dir) of the same hyperparameters.
+    # object dtype keeps each value as written (16 stays 16 even where another run lacks the field).
+    setting_table = pd.DataFrame(settings, dtype=object)
+    varying = varying_fields(setting_table)
+    extra = [f for f in varying if f != "lr"]
+    print(describe_grouping(varying))
+    runs = pd.DataFrame(rows)
+    for position, field in enumerate(extra, start=runs.columns.get_loc("lr") + 1):
+        runs.insert(position, field, setting_table[field])
+    keys = ["model_name", "lr", *extra]
+    runs = runs.sort_values([*keys, "dataset", "seed", "run_dir"], kind="stable").reset_index(drop=True)
+
+    best = best_settings(summarize_settings(runs, keys), keys)
+    table = markdown_table(best)
+    png = plot_f1(best)
+
+    # Everything is computed: now write, each file atomically.
+    write_text(runs.to_csv(index=False), args.output_dir / "all.csv")
+    write_text(best.to_csv(index=False), args.output_dir / "best.csv")
+    write_text(table, args.output_dir / "best.md")
+    write_bytes(png, args.output_dir / "best.png")
+    print()
+    print(table)
+    print(f"wrote {args.output_dir}/all.csv, best.csv, best.md and best.png")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, Args().parse_args())

@@ -1,0 +1,557 @@
+"""Stage 3: fine-tune a pretrained encoder on a prepared dataset and write one run folder.
+
+    poetry run python src/train.py [--model_name cl-tohoku/bert-base-japanese-v3] [--lr 3e-5] ...
+    torchrun --nproc_per_node 2 src/train.py ...      # several GPUs (or CPU processes) with DDP
+
+The run folder OUTPUT_ROOT/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/ receives, in this order:
+config.json (at the start), log.csv (a row per evaluation), val-metrics.json, test-predictions.jsonl,
+test-per-class.csv, test-confusion-matrix.csv, model/ (with --save_model), and test-metrics.json
+last: its presence means the run finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from datetime import datetime
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+from more_itertools import chunked
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from tap import Tap
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm, trange
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.optimization import get_linear_schedule_with_warmup
+
+import utils
+from utils import InputError
+
+SPLITS = ("train", "val", "test")
+METRICS = ("loss", "accuracy", "precision", "recall", "f1")
+
+
+class Args(Tap):
+    model_name: str = "cl-tohoku/bert-base-japanese-v3"  # hub name or local folder that AutoModelForSequenceClassification can load
+    dataset_dir: Path = Path("datasets/livedoor")  # {train,val,test}.jsonl + label2id.json, as prepare.py writes them
+    output_root: Path = Path("outputs")  # runs go to OUTPUT_ROOT/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/
+    text_fields: list[str] = ["title", "body"]  # JSONL fields fed to the model: one text, or a pair whose last field alone is truncated
+
+    batch_size: int = 16  # examples per optimizer step on each device, before accumulation
+    eval_batch_size: int = 32  # examples per forward pass in evaluation
+    epochs: int = 20  # passes over the training set
+    lr: float = 3e-5  # peak learning rate of AdamW
+    num_warmup_epochs: int = 2  # epochs of linear warm-up; the learning rate then decays linearly to 0
+    max_seq_len: int = 512  # tokens per example, [CLS] and [SEP]s included
+    weight_decay: float = 0.01  # AdamW weight decay for matrices (biases and norm weights get none)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this x devices)
+    max_grad_norm: float = 1.0  # clip the gradient norm to this (0 disables clipping)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30%% slower
+
+    device: str = "auto"  # auto (cuda, else mps, else cpu), or a torch device such as cpu, cuda:1, mps
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast precision; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS
+    compile: bool = False  # torch.compile the model (dynamic shapes); off by default: no gain measured on CPU
+    num_workers: int = 0  # processes that tokenise the dataset (0: one per CPU core, shared among torchrun processes, at most 8)
+    seed: int = 42  # seed of the model's new head, the shuffling and dropout
+    save_model: bool = False  # also save the best model and its tokenizer to RUN_DIR/model (safetensors)
+
+    def process_args(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "epochs", "max_seq_len", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                self.error(f"--{name} must be at least 1")
+        if not 1 <= len(self.text_fields) <= 2:
+            self.error("--text_fields takes one field (a single text) or two (a pair)")
+        if self.num_warmup_epochs > self.epochs:
+            self.error("--num_warmup_epochs cannot exceed --epochs")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def load_split(dataset_dir: Path, split: str, text_fields: Sequence[str], num_labels: int) -> list[dict]:
+    """Rows of SPLIT.jsonl, checked: every row has an id, the text fields and a known label."""
+    path = dataset_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise InputError(f"{path} not found: run `poetry run python src/prepare.py` first (or see README for other datasets)")
+    rows = utils.load_jsonl(path)
+    if not rows:
+        raise InputError(f"{path} is empty")
+    for line_no, row in enumerate(rows, start=1):
+        missing = [field for field in ("id", "label", *text_fields) if field not in row]
+        if missing:
+            raise InputError(f"{path}: line {line_no}: missing field(s) {', '.join(missing)}")
+        if not isinstance(row["label"], int) or not 0 <= row["label"] < num_labels:
+            raise InputError(f"{path}: line {line_no}: label {row['label']!r} is not an id of label2id.json (0-{num_labels - 1})")
+    return rows
+
+
+def load_label2id(dataset_dir: Path) -> dict[str, int]:
+    path = dataset_dir / "label2id.json"
+    if not path.is_file():
+        raise InputError(f"{path} not found: run `poetry run python src/prepare.py` first (or see README for other datasets)")
+    label2id = utils.load_json(path)
+    if sorted(label2id.values()) != list(range(len(label2id))):
+        raise InputError(f"{path}: ids must be 0..{len(label2id) - 1}, got {sorted(label2id.values())}")
+    return label2id
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[Sequence[str]], max_seq_len: int, token_type_ids: bool
+) -> list[dict[str, list[int]]]:
+    """Token ids of each example: one text, or a pair whose second text alone is truncated (as the reference).
+
+    Transformers 5 returns no token_type_ids unless asked, so pairs would lose their segment ids:
+    ask whenever the model has more than one token type.
+    """
+    columns = list(zip(*texts))
+    encoded = tokenizer(
+        *columns,
+        truncation="only_second" if len(columns) == 2 else True,
+        max_length=max_seq_len,
+        return_token_type_ids=token_type_ids,
+        return_attention_mask=False,
+    )
+    keys = ["input_ids", "token_type_ids"] if token_type_ids else ["input_ids"]
+    return [{key: encoded[key][i] for key in keys} for i in range(len(texts))]
+
+
+def wants_token_type_ids(config: transformers.PretrainedConfig, text_fields: Sequence[str]) -> bool:
+    """Segment ids matter for pairs on models trained with them (BERT: 2 types; RoBERTa-like: 1)."""
+    return len(text_fields) == 2 and getattr(config, "type_vocab_size", 1) > 1
+
+
+def _encode_chunk(args: tuple[PreTrainedTokenizerBase, list[list[str]], int, bool]) -> list[dict[str, list[int]]]:
+    return encode(*args)
+
+
+def encode_parallel(
+    tokenizer: PreTrainedTokenizerBase, texts: list[list[str]], max_seq_len: int, token_type_ids: bool, num_workers: int
+) -> list[dict[str, list[int]]]:
+    """encode() spread over processes: the Japanese tokenizer has no fast version (~120 docs/s per core)."""
+    # Default: share the cores among the processes of this machine (torchrun sets LOCAL_WORLD_SIZE).
+    num_workers = num_workers or max(1, min((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 8))
+    chunk_size = 256
+    if num_workers == 1 or len(texts) <= chunk_size:
+        return encode(tokenizer, texts, max_seq_len, token_type_ids)
+    jobs = [(tokenizer, chunk, max_seq_len, token_type_ids) for chunk in chunked(texts, chunk_size)]
+    with get_context().Pool(num_workers) as pool:  # fork on Linux, spawn elsewhere: nothing global is read
+        return [row for chunk in pool.map(_encode_chunk, jobs) for row in chunk]
+
+
+def tokenize_split(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, args: Args, token_type_ids: bool, path: Path
+) -> list[dict]:
+    """Examples ready for batching: token ids, label and position in the split. Done once per run."""
+    texts = [[str(row[field]) for field in args.text_fields] for row in rows]
+    encoded = encode_parallel(tokenizer, texts, args.max_seq_len, token_type_ids, args.num_workers)
+    for line_no, example in enumerate(encoded, start=1):
+        if len(example["input_ids"]) > args.max_seq_len:  # the first text alone is longer than max_seq_len
+            raise InputError(f"{path}: line {line_no}: {args.text_fields[0]} alone exceeds --max_seq_len {args.max_seq_len}")
+    return [{**example, "label": row["label"], "index": i} for i, (row, example) in enumerate(zip(rows, encoded))]
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of this batch only."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = {}
+    for key, pad in (("input_ids", pad_token_id), ("token_type_ids", 0)):
+        if key in examples[0]:
+            batch[key] = torch.tensor([e[key] + [pad] * (length - len(e[key])) for e in examples])
+    batch["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in examples])
+    batch["labels"] = torch.tensor([e["label"] for e in examples])
+    batch["index"] = torch.tensor([e["index"] for e in examples])
+    return batch
+
+
+# --- model and optimiser ----------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 elsewhere (bf16 is slower on CPUs)."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_model(model_name: str, label2id: dict[str, int]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    id2label = {i: label for label, i in label2id.items()}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_name, num_labels=len(label2id), id2label=id2label, label2id=label2id
+        )
+    except OSError as e:
+        raise InputError(
+            f"cannot load model {model_name!r} ({str(e).splitlines()[0]}). Without network access, only models already "
+            f"in the Hugging Face cache load; or pass a local folder saved with save_pretrained: --model_name path/to/model"
+        ) from None
+    return tokenizer, model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], str]:
+    """Decay matrices only: biases and LayerNorm weights (every tensor with fewer than 2 dims) get none.
+
+    A structural rule, so it holds for any architecture and for compiled or wrapped models,
+    where the reference's name list never matched.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    summary = (
+        f"weight decay {weight_decay} on {len(decay)} tensors ({sum(p.numel() for p in decay):,} parameters); "
+        f"none on {len(no_decay)} tensors ({sum(p.numel() for p in no_decay):,} parameters: biases and norms)"
+    )
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], summary
+
+
+def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights, so the best epoch costs no accelerator memory."""
+    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def compute_metrics(labels: Sequence[int], preds: Sequence[int], losses: Sequence[float], num_labels: int) -> dict[str, float]:
+    """Accuracy, macro precision/recall/F1 over all labels, and the mean loss over examples."""
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, preds, labels=list(range(num_labels)), average="macro", zero_division=0
+    )
+    return {
+        "loss": float(np.mean(losses)),
+        "accuracy": float(accuracy_score(labels, preds)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+    }
+
+
+def shard_by_length(examples: list[dict], rank: int, world_size: int) -> list[dict]:
+    """This process's share of an evaluation set, longest first: every example exactly once over all ranks."""
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)
+    return ordered[rank::world_size]
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, autocast: Any) -> list[dict]:
+    """Per-example index, label, logits (fp32) and loss for this process's shard."""
+    model.eval()
+    out = []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not is_main_process()):
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "index")}
+        with autocast():
+            logits = model(**inputs).logits.float()
+        labels = batch["labels"].to(device)
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        for index, label, row_logits, loss in zip(batch["index"].tolist(), batch["labels"].tolist(), logits.cpu(), losses.tolist()):
+            out.append({"index": index, "label": label, "logits": row_logits, "loss": loss})
+    return out
+
+
+def gather(items: list[dict], world_size: int) -> list[dict]:
+    """All processes' predictions, in dataset order, on every process."""
+    if world_size > 1:
+        parts: list[list[dict]] = [[] for _ in range(world_size)]
+        dist.all_gather_object(parts, items)
+        items = [item for part in parts for item in part]
+    return sorted(items, key=lambda item: item["index"])
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, autocast: Any, world_size: int, num_labels: int) -> tuple[dict[str, float], list[dict]]:
+    predictions = gather(predict(model, loader, device, autocast), world_size)
+    for p in predictions:
+        p["pred"] = int(p["logits"].argmax())
+    metrics = compute_metrics([p["label"] for p in predictions], [p["pred"] for p in predictions], [p["loss"] for p in predictions], num_labels)
+    return metrics, predictions
+
+
+# --- run folder -------------------------------------------------------------------------------
+
+
+def run_dir_name(model_name: str, now: datetime) -> Path:
+    """<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>: hub names with / as __, local folders by their name."""
+    model = Path(model_name).name if Path(model_name).is_dir() else model_name.replace("/", "__")
+    return Path(model, now.strftime("%Y-%m-%d"), now.strftime("%H-%M-%S.%f"))
+
+
+def make_run_dir(output_root: Path, model_name: str) -> Path:
+    """A new folder, never an existing one (exist_ok=False; retried on the rare same-microsecond clash)."""
+    while True:
+        run_dir = output_root / run_dir_name(model_name, datetime.now())
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, device: torch.device, dtype: torch.dtype, world_size: int) -> dict:
+    """Every argument with its JSON type, plus what is needed to read the run later."""
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in args.as_dict().items()}
+    environment = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "world_size": world_size,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": git_commit(),
+        "started_at": datetime.now().isoformat(timespec="seconds"),
+    }
+    return {**config, "num_params": num_params, "num_labels": num_labels, "run_dir": str(run_dir), "environment": environment}
+
+
+def append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict], id2label: dict[int, str]) -> None:
+    """Per-example predictions, the per-class report and the confusion matrix (with category names)."""
+    names = [id2label[i] for i in range(len(id2label))]
+    utils.save_jsonl(
+        (
+            {"id": row["id"], "label": p["label"], "pred": p["pred"], "probs": torch.softmax(p["logits"], -1).tolist()}
+            for row, p in zip(rows, predictions)
+        ),
+        run_dir / "test-predictions.jsonl",
+    )
+    labels, preds = [p["label"] for p in predictions], [p["pred"] for p in predictions]
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=list(range(len(names))), zero_division=0)
+    with utils.atomic_path(run_dir / "test-per-class.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["category", "precision", "recall", "f1", "support"])
+        writer.writerows(zip(names, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist()))
+    matrix = confusion_matrix(labels, preds, labels=list(range(len(names))))
+    with utils.atomic_path(run_dir / "test-confusion-matrix.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *names])
+        writer.writerows([name, *counts] for name, counts in zip(names, matrix.tolist()))
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """Plain transformers format (safetensors), loadable with no project code; swapped in whole."""
+    with utils.atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); under torchrun, join the process group (NCCL on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
+
+
+def broadcast(value: Any, world_size: int) -> Any:
+    """Rank 0's value on every process."""
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def log(message: str) -> None:
+    if is_main_process():
+        tqdm.write(message)
+
+
+class TrainingError(InputError):
+    """Training cannot go on (the loss diverged): reported in one line, like bad input."""
+
+
+# --- the experiment ---------------------------------------------------------------------------
+
+
+def main(args: Args) -> Path:
+    """Fine-tune, evaluate, write the run folder; return its path."""
+    transformers.utils.logging.disable_progress_bar()
+    device = resolve_device(args.device)
+    rank, world_size = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = resolve_dtype(args.dtype, device)
+    utils.set_seed(args.seed)
+
+    # Data first: a wrong path or a bad row fails before any model is downloaded.
+    label2id = load_label2id(args.dataset_dir)
+    id2label = {i: label for label, i in label2id.items()}
+    rows = {split: load_split(args.dataset_dir, split, args.text_fields, len(label2id)) for split in SPLITS}
+
+    tokenizer, model = load_model(args.model_name, label2id)
+    num_params = sum(p.numel() for p in model.parameters())
+
+    # The settings are on disk before any training: a crashed run still says what it was.
+    run_dir = broadcast(make_run_dir(args.output_root, args.model_name) if rank == 0 else None, world_size)
+    if rank == 0:
+        utils.save_json(run_config(args, num_params, len(label2id), run_dir, device, dtype, world_size), run_dir / "config.json")
+    log(f"run folder: {run_dir}")
+    log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
+
+    # Tokenise each split once; batches are then only padded.
+    token_type_ids = wants_token_type_ids(model.config, args.text_fields)
+    start = time.perf_counter()
+    examples = {split: tokenize_split(rows[split], tokenizer, args, token_type_ids, args.dataset_dir / f"{split}.jsonl") for split in SPLITS}
+    num_examples = sum(map(len, examples.values()))
+    log(f"tokenised {num_examples:,} examples in {time.perf_counter() - start:.1f} s")
+
+    pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    train_loader = DataLoader(examples["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=pad)
+    eval_loaders = {
+        split: DataLoader(shard_by_length(examples[split], rank, world_size), batch_size=args.eval_batch_size, collate_fn=pad)
+        for split in ("val", "test")
+    }
+
+    model.to(device)
+    if args.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    # `model` keeps clean state-dict keys (no _orig_mod. or module. prefixes) for the best weights.
+    compiled: torch.nn.Module = torch.compile(model, dynamic=True) if args.compile else model
+    train_model = compiled
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+
+    groups, decay_summary = param_groups(model, args.weight_decay)
+    log(decay_summary)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
+    autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling only for fp16
+    log(
+        f"effective batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation x {world_size} process(es) = "
+        f"{args.batch_size * args.gradient_accumulation_steps * world_size}; {steps_per_epoch} optimizer steps per epoch"
+    )
+
+    def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
+        return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
+
+    def log_evaluation(epoch: int, train_loss: float, metrics: dict[str, float], seconds: float, throughput: dict[str, float]) -> None:
+        if rank == 0:
+            append_log(run_dir / "log.csv", {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": scheduler.get_last_lr()[0], "seconds": seconds, **throughput})
+        log(
+            f"epoch {epoch:>3}  train_loss {train_loss:.4f}  val: loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
+            f"f1 {metrics['f1']:.4f}"
+            + (f"  ({throughput['examples_per_s']:.1f} examples/s, {throughput['tokens_per_s']:,.0f} tokens/s)" if throughput["examples_per_s"] else "")
+        )
+
+    # Epoch 0 is the model before training: a fine-tuned epoch must beat it to be kept.
+    start = time.perf_counter()
+    val_metrics, _ = evaluate_split("val")
+    log_evaluation(0, float("nan"), val_metrics, time.perf_counter() - start, {"examples_per_s": 0.0, "tokens_per_s": 0.0})
+    best_epoch, best_f1 = 0, val_metrics["f1"]
+    best_state = clone_state(model)
+
+    for epoch in trange(1, args.epochs + 1, desc="epochs", disable=rank != 0):
+        train_model.train()
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        loss_sum, seen, tokens = 0.0, 0, 0
+        progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0)
+        for window in chunked(train_loader, args.gradient_accumulation_steps):
+            # Every example weighs the same in a step, whatever the micro-batch sizes.
+            window_size = sum(len(batch["labels"]) for batch in window)
+            for i, batch in enumerate(window):
+                sync = i == len(window) - 1 or world_size == 1
+                with (nullcontext() if sync else train_model.no_sync()):
+                    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "index")}
+                    labels = batch["labels"].to(device)
+                    with autocast():
+                        logits = train_model(**inputs).logits
+                    loss_sum_batch = F.cross_entropy(logits.float(), labels, reduction="sum")
+                    scaler.scale(loss_sum_batch / window_size).backward()
+                loss_sum += loss_sum_batch.item()
+                seen += len(labels)
+                tokens += int(batch["attention_mask"].sum())
+            if not math.isfinite(loss_sum):
+                raise TrainingError(f"the loss became {loss_sum} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
+            if args.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            progress.update()
+            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        progress.close()
+        train_seconds = time.perf_counter() - start
+        # Throughput of this process's share; with several processes the total is world_size times more.
+        throughput = {"examples_per_s": seen * world_size / train_seconds, "tokens_per_s": tokens * world_size / train_seconds}
+
+        val_metrics, _ = evaluate_split("val")
+        log_evaluation(epoch, loss_sum / seen, val_metrics, time.perf_counter() - start, throughput)
+        if val_metrics["f1"] > best_f1:
+            best_epoch, best_f1 = epoch, val_metrics["f1"]
+            best_state = clone_state(model)
+
+    # The weights of the best epoch (kept on the CPU) give the reported val and test scores.
+    model.load_state_dict(best_state)
+    val_metrics, _ = evaluate_split("val")
+    test_metrics, test_predictions = evaluate_split("test")
+    if rank == 0:
+        utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
+        write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
+        if args.save_model:
+            save_model(model, tokenizer, run_dir / "model")
+        utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
+    log(f"best epoch {best_epoch}: val f1 {val_metrics['f1']:.4f}, test f1 {test_metrics['f1']:.4f}, test accuracy {test_metrics['accuracy']:.4f}")
+    log(f"wrote {run_dir}")
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run_dir
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, Args().parse_args())

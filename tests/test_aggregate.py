@@ -1,0 +1,330 @@
+"""aggregate.py on hand-made run folders: grouping, best setting by mean val F1, tables, plot, errors."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import aggregate
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+
+BERT = "cl-tohoku/bert-base-japanese-v3"
+LUKE = "studio-ousia/luke-japanese-base-lite"
+LOCAL = "./models/tiny-bert"  # a local folder model: never linked
+NUM_PARAMS = {BERT: 111_207_177, LUKE: 132_864_265, LOCAL: 1_234_567}
+
+# (model, lr) -> per repetition: (val F1, test accuracy, precision, recall, f1).
+# BERT: the single best val run (0.99) has lr 1e-5, but the best MEAN is lr 3e-5.
+# LUKE: lr 3e-5 and 5e-5 tie exactly on mean val F1 (binary fractions): the lower lr wins.
+# LOCAL: repeated over two folds of one seed instead of two seeds.
+RESULTS = {
+    (BERT, 1e-5): [(0.99, 0.90, 0.91, 0.92, 0.93), (0.80, 0.91, 0.92, 0.93, 0.94)],
+    (BERT, 3e-5): [(0.95, 0.961, 0.955, 0.952, 0.96), (0.94, 0.951, 0.945, 0.948, 0.95)],
+    (BERT, 5e-5): [(0.90, 0.99, 0.99, 0.99, 0.99), (0.91, 0.99, 0.99, 0.99, 0.99)],
+    (LUKE, 1e-5): [(0.5, 0.99, 0.99, 0.99, 0.99), (0.5, 0.99, 0.99, 0.99, 0.99)],
+    (LUKE, 3e-5): [(0.875, 0.98, 0.975, 0.97, 0.972), (0.625, 0.97, 0.965, 0.96, 0.968)],
+    (LUKE, 5e-5): [(0.75, 0.50, 0.50, 0.50, 0.50), (0.75, 0.50, 0.50, 0.50, 0.50)],
+    (LOCAL, 1e-5): [(0.70, 0.80, 0.80, 0.80, 0.80), (0.70, 0.80, 0.80, 0.80, 0.80)],
+    (LOCAL, 3e-5): [(0.96, 0.962, 0.958, 0.957, 0.961), (0.95, 0.958, 0.950, 0.951, 0.957)],
+    (LOCAL, 5e-5): [(0.60, 0.99, 0.99, 0.99, 0.99), (0.60, 0.99, 0.99, 0.99, 0.99)],
+}
+BEST_LR = {BERT: 3e-5, LUKE: 3e-5, LOCAL: 3e-5}
+ALL_COLUMNS = [
+    "model_name", "lr", "seed", "dataset", "best-val-epoch", "best-val-f1",
+    "loss", "accuracy", "precision", "recall", "f1", "num_params", "run_dir",
+]  # fmt: skip
+
+
+def make_run(
+    root: Path,
+    model_name: str,
+    lr: float,
+    seed: int,
+    dataset_dir: str = "datasets/livedoor",
+    scores: tuple[float, float, float, float, float] = (0.9, 0.9, 0.9, 0.9, 0.9),
+    finished: bool = True,
+    **overrides: object,
+) -> Path:
+    """A run folder as train.py writes it; `scores` are (val F1, test accuracy, precision, recall, f1)."""
+    run_id = len(list(root.glob("*/*/*")))  # runs made so far under root: unique folder names
+    run_dir = root / model_name.replace("/", "__") / "2025-01-01" / f"12-00-00.{run_id:06d}"
+    run_dir.mkdir(parents=True)
+    config = {
+        "model_name": model_name,
+        "dataset_dir": dataset_dir,
+        "output_root": str(root),
+        "batch_size": 16,
+        # Execution fields differ between repetitions: they must not split a setting.
+        "eval_batch_size": 32 + run_id % 2,
+        "epochs": 20,
+        "lr": lr,
+        "num_warmup_epochs": 2,
+        "max_seq_len": 512,
+        "weight_decay": 0.01,
+        "gradient_accumulation_steps": 1,
+        "max_grad_norm": 1.0,
+        "gradient_checkpointing": False,
+        "device": ["cuda", "cpu"][run_id % 2],
+        "dtype": "auto",
+        "compile": bool(run_id % 2),
+        "num_workers": run_id % 3,
+        "seed": seed,
+        "save_model": bool(run_id % 2),
+        "num_params": NUM_PARAMS.get(model_name, 1000),
+        "num_labels": 9,
+        # As train.py wrote it on another machine: aggregate must report where the run is now.
+        "run_dir": f"/cluster/{run_dir.relative_to(root.parent)}",
+        "environment": {"torch": "2.9.0", "device_name": f"GPU {run_id}", "git_commit": "abc", "world_size": 1},
+        **overrides,
+    }
+    utils.save_json(config, run_dir / "config.json")
+    utils.save_json({"epoch": 1}, run_dir / "model" / "config.json")  # a saved model's config: not a run
+    (run_dir / "log.csv").write_text("epoch,f1\n1,0.5\n", encoding="utf-8")
+    val_f1, accuracy, precision, recall, f1 = scores
+    val_metrics = {"best-epoch": 3, "loss": 0.2, **{m: val_f1 for m in ["accuracy", "precision", "recall", "f1"]}}
+    utils.save_json(val_metrics, run_dir / "val-metrics.json")
+    if finished:
+        test_metrics = {"loss": 0.1 + lr, "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+        utils.save_json(test_metrics, run_dir / "test-metrics.json")
+    return run_dir
+
+
+def make_grid(root: Path) -> None:
+    """The 18 finished runs of RESULTS: 3 models x 3 lrs x 2 repetitions."""
+    for (model_name, lr), repetitions in RESULTS.items():
+        for i, values in enumerate(repetitions):
+            if model_name == LOCAL:
+                make_run(root, model_name, lr, seed=42, dataset_dir=f"datasets/livedoor/folds/{i}", scores=values)
+            else:
+                make_run(root, model_name, lr, seed=i + 1, scores=values)
+
+
+def run_aggregate(input_dir: Path, output_dir: Path) -> None:
+    aggregate.main(aggregate.Args().parse_args(["--input_dir", str(input_dir), "--output_dir", str(output_dir)]))
+
+
+@pytest.fixture
+def results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, str, str, Path, Path]:
+    """The grid plus one unfinished and one corrupt run, aggregated; returns (results dir, stdout, stderr, ...)."""
+    outputs = tmp_path / "outputs"
+    make_grid(outputs)
+    unfinished = make_run(outputs, BERT, 3e-5, seed=3, finished=False)
+    corrupt = make_run(outputs, LUKE, 3e-5, seed=3)
+    (corrupt / "val-metrics.json").write_text('{"best-epoch": 3, "f1": ', encoding="utf-8")
+    run_aggregate(outputs, tmp_path / "results")
+    out, err = capsys.readouterr()
+    return tmp_path / "results", out, err, unfinished, corrupt
+
+
+def expected(model_name: str, column: int) -> tuple[float, float]:
+    """Mean and sample std (ddof=1) over the repetitions of the model's best lr."""
+    values = [run[column] for run in RESULTS[(model_name, BEST_LR[model_name])]]
+    return statistics.mean(values), statistics.stdev(values)
+
+
+def test_all_csv_has_one_row_per_finished_run(results: tuple) -> None:
+    results_dir, *_ = results
+    all_runs = pd.read_csv(results_dir / "all.csv")
+    assert list(all_runs.columns) == ALL_COLUMNS  # nothing but lr varies: no extra columns
+    assert len(all_runs) == 18
+    keys = ["model_name", "lr", "dataset", "seed"]
+    assert all_runs[keys].values.tolist() == all_runs.sort_values(keys)[keys].values.tolist()
+    assert sorted(set(all_runs["model_name"])) == sorted([BERT, LUKE, LOCAL])
+    local = all_runs[all_runs["model_name"] == LOCAL]
+    assert set(local["dataset"]) == {"datasets/livedoor/folds/0", "datasets/livedoor/folds/1"}
+    assert set(local["seed"]) == {42}
+    for run_dir in all_runs["run_dir"]:
+        assert (Path(run_dir) / "test-metrics.json").is_file()
+    row = all_runs[(all_runs["model_name"] == BERT) & (all_runs["lr"] == 1e-5) & (all_runs["seed"] == 1)].iloc[0]
+    assert row["best-val-f1"] == pytest.approx(0.99)
+    assert row["best-val-epoch"] == 3
+    assert row["f1"] == pytest.approx(0.93)
+    assert row["num_params"] == NUM_PARAMS[BERT]
+
+
+def test_best_csv_picks_best_mean_val_f1_and_reports_mean_std(results: tuple) -> None:
+    results_dir, *_ = results
+    best = pd.read_csv(results_dir / "best.csv")
+    assert list(best.columns) == [
+        "model_name", "lr", "num_params", "n_runs", "best-val-f1", "loss",
+        "accuracy", "accuracy_std", "precision", "precision_std",
+        "recall", "recall_std", "f1", "f1_std",
+    ]  # fmt: skip
+    # Sorted by mean test F1, descending (neither alphabetical nor the order of the folders).
+    assert list(best["model_name"]) == [LUKE, LOCAL, BERT]
+    assert list(best["f1"]) == sorted(best["f1"], reverse=True)
+    for row in best.to_dict("records"):
+        model_name = row["model_name"]
+        assert row["lr"] == BEST_LR[model_name], model_name  # by mean val F1, not the best single run
+        assert row["n_runs"] == 2  # device, num_workers, compile, ... differ but do not split settings
+        assert row["num_params"] == NUM_PARAMS[model_name]
+        assert row["best-val-f1"] == pytest.approx(expected(model_name, 0)[0])
+        assert row["loss"] == pytest.approx(0.1 + BEST_LR[model_name])
+        for column, score in enumerate(["accuracy", "precision", "recall", "f1"], start=1):
+            mean, std = expected(model_name, column)
+            assert row[score] == pytest.approx(mean), (model_name, score)
+            assert row[f"{score}_std"] == pytest.approx(std), (model_name, score)
+
+
+def test_best_md_is_the_reference_table(results: tuple) -> None:
+    results_dir, out, *_ = results
+    table = (results_dir / "best.md").read_text(encoding="utf-8")
+    assert table == (
+        "| Model | Params | Accuracy | Precision | Recall | F1 | n |\n"
+        "| ----- | -----: | :------: | :-------: | :----: | :-: | -: |\n"
+        f"| [{LUKE}](https://huggingface.co/{LUKE}) | 133 M | 97.50 ± 0.71 | 97.00 ± 0.71 "
+        "| 96.50 ± 0.71 | **97.00** ± 0.28 | 2 |\n"
+        f"| {LOCAL} | 1.2 M | 96.00 ± 0.28 | 95.40 ± 0.57 | 95.40 ± 0.42 | 95.90 ± 0.28 | 2 |\n"
+        f"| [{BERT}](https://huggingface.co/{BERT}) | 111 M | 95.60 ± 0.71 | 95.00 ± 0.71 "
+        "| 95.00 ± 0.28 | 95.50 ± 0.71 | 2 |\n"
+    )
+    assert table in out  # the summary prints the table
+
+
+def test_best_png_is_a_png(results: tuple) -> None:
+    results_dir, *_ = results
+    data = (results_dir / "best.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 1000
+
+
+def test_unfinished_and_corrupt_runs_are_skipped_and_reported(results: tuple) -> None:
+    results_dir, out, err, unfinished, corrupt = results
+    assert "read 18 finished runs" in out
+    assert "skipped 1 unfinished, 1 unreadable" in out
+    assert f"skipped {corrupt}: val-metrics.json: line 1: not valid JSON" in err
+    assert str(unfinished) not in err
+    run_dirs = set(pd.read_csv(results_dir / "all.csv")["run_dir"])
+    assert str(unfinished) not in run_dirs and str(corrupt) not in run_dirs
+    assert not list(results_dir.glob(".*"))  # no temporary files left behind
+
+
+@pytest.mark.parametrize(
+    ("breakage", "reason"),
+    [
+        (lambda d: (d / "val-metrics.json").unlink(), "val-metrics.json is missing"),
+        (lambda d: utils.save_json({"f1": 0.9}, d / "test-metrics.json"), "test-metrics.json: missing loss, accuracy"),
+        (lambda d: utils.save_json([1, 2], d / "val-metrics.json"), "val-metrics.json: expected a JSON object"),
+        (lambda d: _edit_config(d, num_params="111M"), "config.json: num_params is '111M', expected int"),
+        (lambda d: _edit_config(d, model_name=None), "config.json: model_name is None"),
+    ],
+)
+def test_each_kind_of_corrupt_run_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], breakage, reason: str
+) -> None:
+    good = make_run(tmp_path / "outputs", BERT, 3e-5, seed=1)
+    bad = make_run(tmp_path / "outputs", BERT, 3e-5, seed=2)
+    breakage(bad)
+    run_aggregate(tmp_path / "outputs", tmp_path / "results")
+    out, err = capsys.readouterr()
+    assert f"skipped {bad}: {reason}" in err
+    assert "read 1 finished runs" in out and "0 unfinished, 1 unreadable" in out
+    assert list(pd.read_csv(tmp_path / "results" / "all.csv")["run_dir"]) == [str(good)]
+
+
+def _edit_config(run_dir: Path, **changes: object) -> None:
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    utils.save_json({**config, **changes}, run_dir / "config.json")
+
+
+def test_other_varying_hyperparameter_splits_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = tmp_path / "outputs"
+    make_grid(outputs)
+    # Same model and lr as BERT's best-mean setting, but batch 32: a setting of its own, and the best one.
+    make_run(outputs, BERT, 3e-5, seed=1, scores=(0.99, 0.97, 0.97, 0.97, 0.97), batch_size=32)
+    make_run(outputs, BERT, 3e-5, seed=2, scores=(0.97, 0.96, 0.96, 0.96, 0.96), batch_size=32)
+    run_aggregate(outputs, tmp_path / "results")
+    out, _ = capsys.readouterr()
+    assert "settings differ in: lr, batch_size (beyond model_name)" in out
+
+    all_runs = pd.read_csv(tmp_path / "results" / "all.csv")
+    assert list(all_runs.columns) == [*ALL_COLUMNS[:2], "batch_size", *ALL_COLUMNS[2:]]
+    assert len(all_runs) == 20
+    assert all_runs["batch_size"].value_counts().to_dict() == {16: 18, 32: 2}
+
+    best = pd.read_csv(tmp_path / "results" / "best.csv").set_index("model_name")
+    assert list(best.columns[:2]) == ["lr", "batch_size"]
+    assert best.loc[BERT, "lr"] == 3e-5
+    assert best.loc[BERT, "batch_size"] == 32
+    assert best.loc[BERT, "n_runs"] == 2  # 4 if batch sizes were merged
+    assert best.loc[BERT, "best-val-f1"] == pytest.approx(0.98)
+    assert best.loc[BERT, "f1"] == pytest.approx(0.965)
+    assert best.loc[LUKE, "batch_size"] == 16
+
+
+def test_unknown_argument_splits_settings_and_single_runs_have_no_std(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs = tmp_path / "outputs"
+    make_run(outputs, BERT, 3e-5, seed=1, scores=(0.90, 0.90, 0.90, 0.90, 0.90))
+    # A newer train.py with an argument the older run lacks: not the same experiment.
+    make_run(outputs, BERT, 3e-5, seed=2, scores=(0.95, 0.96, 0.96, 0.96, 0.96), label_smoothing=0.1)
+    make_run(outputs, LOCAL, 1e-5, seed=1, scores=(0.95, 0.91, 0.91, 0.91, 0.91))
+    run_aggregate(outputs, tmp_path / "results")
+    out, _ = capsys.readouterr()
+    assert "settings differ in: lr, label_smoothing (beyond model_name)" in out
+
+    best_text = (tmp_path / "results" / "best.csv").read_text(encoding="utf-8")
+    best = pd.read_csv(tmp_path / "results" / "best.csv")
+    assert list(best["model_name"]) == [BERT, LOCAL]
+    assert list(best["n_runs"]) == [1, 1]
+    assert best.loc[0, "label_smoothing"] == 0.1
+    assert best.loc[0, "f1"] == pytest.approx(0.96)
+    assert best[["accuracy_std", "precision_std", "recall_std", "f1_std"]].isna().all().all()
+    assert best_text.splitlines()[1].endswith(",0.96,")  # NaN std: an empty cell
+    table = (tmp_path / "results" / "best.md").read_text(encoding="utf-8")
+    assert "±" not in table
+    assert f"| [{BERT}](https://huggingface.co/{BERT}) | 111 M | 96.00 | 96.00 | 96.00 | **96.00** | 1 |" in table
+    assert f"| {LOCAL} | 1.2 M | 91.00 | 91.00 | 91.00 | 91.00 | 1 |" in table
+
+
+def test_no_finished_run_is_an_error(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    make_run(outputs, BERT, 3e-5, seed=1, finished=False)
+    with pytest.raises(utils.InputError, match=f"no finished run under {outputs}; run src/train.py first"):
+        run_aggregate(outputs, tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(utils.InputError, match="run src/train.py first"):
+        run_aggregate(tmp_path / "missing", tmp_path / "results")
+
+
+def test_command_line_error_has_no_traceback(tmp_path: Path) -> None:
+    outputs, results = tmp_path / "outputs", tmp_path / "results"
+    outputs.mkdir()
+    command = [sys.executable, "src/aggregate.py", "--input_dir", str(outputs), "--output_dir", str(results)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == f"error: no finished run under {outputs}; run src/train.py first\n"
+    assert not results.exists()
+
+
+@pytest.mark.parametrize(
+    ("model_name", "linked"),
+    [
+        (BERT, True),
+        ("bert-base-multilingual-cased", True),
+        ("xlm-roberta-large", True),
+        ("./models/tiny-bert", False),
+        ("/models/tiny-bert", False),
+        ("../tiny-bert", False),
+        ("models/a/b", False),
+        ("C:\\models\\bert", False),
+    ],
+)
+def test_only_hub_ids_are_linked(model_name: str, linked: bool) -> None:
+    assert aggregate.is_hub_id(model_name) is linked
+
+
+@pytest.mark.parametrize(
+    ("num_params", "text"), [(111_207_177, "111 M"), (559_890_432, "560 M"), (1_234_567, "1.2 M"), (52_000, "0.052 M")]
+)
+def test_format_params(num_params: int, text: str) -> None:
+    assert aggregate.format_params(num_params) == text

@@ -1,0 +1,29 @@
+"""Every stage's flags: each has help, and parsing has no side effects."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+
+STAGES = ["prepare", "train", "aggregate"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_flag_has_help(stage: str) -> None:
+    args_class = importlib.import_module(stage).Args
+    args = args_class()
+    for name in args.class_variables:
+        assert len(args.class_variables[name].get("comment", "")) > 10, f"{stage}.py --{name} has no help"
+    help_text = args_class().format_help()
+    for name in args.class_variables:
+        assert f"--{name}" in help_text
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_parsing_has_no_side_effects(stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    importlib.import_module(stage).Args().parse_args([])
+    assert os.listdir(tmp_path) == []
