@@ -368,8 +368,14 @@ def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict],
         writer.writerows([name, *counts] for name, counts in zip(names, matrix.tolist()))
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """Plain transformers format (safetensors), loadable with no project code; swapped in whole."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, args: Args) -> None:
+    """Plain transformers format (safetensors), loadable with no project code; swapped in whole.
+
+    config.json also records the input layout (text_fields, max_seq_len), so that predict.py
+    tokenises new text exactly as training did.
+    """
+    model.config.text_fields = list(args.text_fields)
+    model.config.max_seq_len = args.max_seq_len
     with utils.atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -543,7 +549,7 @@ def main(args: Args) -> Path:
         utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
         write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
         if args.save_model:
-            save_model(model, tokenizer, run_dir / "model")
+            save_model(model, tokenizer, run_dir / "model", args)
         utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
     log(f"best epoch {best_epoch}: val f1 {val_metrics['f1']:.4f}, test f1 {test_metrics['f1']:.4f}, test accuracy {test_metrics['accuracy']:.4f}")
     log(f"wrote {run_dir}")
