@@ -182,7 +182,14 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 def resolve_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available on this machine; use --device auto or cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise InputError(f"--device {name}: Apple MPS is not available on this machine; use --device auto or cpu")
+        if device.type == "cuda" and device.index is None:  # under torchrun, one GPU per process
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if torch.backends.mps.is_available():
@@ -196,6 +203,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError("--dtype bf16: this GPU has no bfloat16 support; use --dtype fp16 (or auto)")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -233,6 +242,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict
 def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the weights, so the best epoch costs no accelerator memory."""
     return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+
+
+def window_counts(window: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """Examples and real (non-padding) tokens in the micro-batches of one optimizer step."""
+    return sum(len(b["labels"]) for b in window), sum(int(b["attention_mask"].sum()) for b in window)
+
+
+def accumulate_gradients(
+    train_model: torch.nn.Module, window: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any, scaler: torch.amp.GradScaler, world_size: int
+) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one optimizer step; return their summed loss.
+
+    Each loss is divided by the example count of the whole window, so every example weighs the
+    same whatever the micro-batch sizes: the gradient equals that of one batch of the window.
+    """
+    window_size, _ = window_counts(window)
+    total = torch.zeros((), device=device)
+    for i, batch in enumerate(window):
+        # Under DDP, gradients are all-reduced once per step: on the last micro-batch only.
+        sync = world_size == 1 or i == len(window) - 1
+        with nullcontext() if sync else train_model.no_sync():
+            inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "index")}
+            with autocast():  # the forward pass only; the loss is computed in fp32
+                logits = train_model(**inputs).logits
+            loss = F.cross_entropy(logits.float(), batch["labels"].to(device), reduction="sum")
+            scaler.scale(loss / window_size).backward()
+        total += loss.detach()
+    return total
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -505,22 +542,15 @@ def main(args: Args) -> Path:
         loss_sum, seen, tokens = 0.0, 0, 0
         progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0)
         for window in chunked(train_loader, args.gradient_accumulation_steps):
-            # Every example weighs the same in a step, whatever the micro-batch sizes.
-            window_size = sum(len(batch["labels"]) for batch in window)
-            for i, batch in enumerate(window):
-                sync = i == len(window) - 1 or world_size == 1
-                with (nullcontext() if sync else train_model.no_sync()):
-                    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "index")}
-                    labels = batch["labels"].to(device)
-                    with autocast():
-                        logits = train_model(**inputs).logits
-                    loss_sum_batch = F.cross_entropy(logits.float(), labels, reduction="sum")
-                    scaler.scale(loss_sum_batch / window_size).backward()
-                loss_sum += loss_sum_batch.item()
-                seen += len(labels)
-                tokens += int(batch["attention_mask"].sum())
-            if not math.isfinite(loss_sum):
-                raise TrainingError(f"the loss became {loss_sum} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
+            window_loss = accumulate_gradients(train_model, window, device, autocast, scaler, world_size)
+            # One sync per optimizer step: the loss, examples and tokens of this step over all processes.
+            stats = torch.stack([window_loss, *(torch.tensor(float(n), device=device) for n in window_counts(window))])
+            if world_size > 1:
+                dist.all_reduce(stats)
+            step_loss, step_examples, step_tokens = stats.tolist()
+            if not math.isfinite(step_loss):
+                raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
+            loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
             if args.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -532,8 +562,7 @@ def main(args: Args) -> Path:
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         progress.close()
         train_seconds = time.perf_counter() - start
-        # Throughput of this process's share; with several processes the total is world_size times more.
-        throughput = {"examples_per_s": seen * world_size / train_seconds, "tokens_per_s": tokens * world_size / train_seconds}
+        throughput = {"examples_per_s": seen / train_seconds, "tokens_per_s": tokens / train_seconds}
 
         val_metrics, _ = evaluate_split("val")
         log_evaluation(epoch, loss_sum / seen, val_metrics, time.perf_counter() - start, throughput)

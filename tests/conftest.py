@@ -5,6 +5,7 @@ They are built once per test session (a few seconds) and reused by every test th
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -68,3 +69,8 @@ def finished_run(make_train_args, tmp_path_factory: pytest.TempPathFactory) -> P
     import train
 
     return train.main(make_train_args(tmp_path_factory.mktemp("outputs"), "--save_model"))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import subprocess
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import train
+from conftest import read_csv
 import utils
 from utils import InputError
 
@@ -24,11 +24,6 @@ RUN_FILES = {
     "config.json", "log.csv", "val-metrics.json", "test-metrics.json",
     "test-predictions.jsonl", "test-per-class.csv", "test-confusion-matrix.csv", "model",
 }  # fmt: skip
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def read_json(path: Path) -> dict:
