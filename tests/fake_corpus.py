@@ -24,6 +24,11 @@ CATEGORY_WORDS: dict[str, list[str]] = {
     "sports-watch": ["野球", "サッカー", "選手", "試合", "優勝", "監督", "球団", "代表"],
     "topic-news": ["事件", "警察", "政治", "首相", "ネット", "話題", "批判", "騒動"],
 }
+# Articles per category in the real corpus (7,367 in all).
+REAL_COUNTS = {
+    "dokujo-tsushin": 870, "it-life-hack": 870, "kaden-channel": 864, "livedoor-homme": 511, "movie-enter": 870,
+    "peachy": 842, "smax": 870, "sports-watch": 900, "topic-news": 770,
+}  # fmt: skip
 COMMON_WORDS = ["今日", "最近", "多く", "情報", "記事", "人気", "日本", "東京", "写真", "紹介"]
 TEMPLATES = [
     "{a}について{b}の{c}が話題になっている。",
@@ -53,8 +58,11 @@ def make_article(rng: random.Random, category: str, article_id: int) -> str:
     return "\n".join([url, date, title, *body]) + "\n"
 
 
-def write_corpus(output_dir: Path, articles_per_category: int = 30, seed: int = 0) -> Path:
-    """Write OUTPUT_DIR/<category>/<category>-<id>.txt + LICENSE.txt per category, README.txt, CHANGES.txt."""
+def write_corpus(output_dir: Path, articles_per_category: int | dict[str, int] = 30, seed: int = 0) -> Path:
+    """Write OUTPUT_DIR/<category>/<category>-<id>.txt + LICENSE.txt per category, README.txt, CHANGES.txt.
+
+    articles_per_category: one count for all, or a count per category (e.g. REAL_COUNTS).
+    """
     rng = random.Random(seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "README.txt").write_text("livedoor ニュースコーパス (fake)\n", encoding="utf-8")
@@ -64,7 +72,8 @@ def write_corpus(output_dir: Path, articles_per_category: int = 30, seed: int = 
         folder = output_dir / category
         folder.mkdir(exist_ok=True)
         (folder / "LICENSE.txt").write_text("http://creativecommons.org/licenses/by-nd/2.1/jp/\n", encoding="utf-8")
-        for _ in range(articles_per_category):
+        count = articles_per_category if isinstance(articles_per_category, int) else articles_per_category[category]
+        for _ in range(count):
             article_id += 1
             text = make_article(rng, category, article_id)
             (folder / f"{category}-{article_id}.txt").write_text(text, encoding="utf-8")

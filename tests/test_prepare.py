@@ -13,7 +13,7 @@ import pytest
 
 import prepare
 import utils
-from fake_corpus import CATEGORY_WORDS, make_article, write_corpus
+from fake_corpus import CATEGORY_WORDS, REAL_COUNTS, write_corpus
 from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,18 @@ def test_outputs_and_counts(dataset_dir: Path) -> None:
     assert len({r["category"] for r in rows[:27]}) > 3
     # Ensure_ascii=False: the files hold Japanese text, not \u escapes.
     assert "\\u" not in (dataset_dir / "all.jsonl").read_text(encoding="utf-8")
+
+
+def test_a_corpus_of_the_real_size_gives_the_reference_counts(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "text", REAL_COUNTS)
+    run_prepare(corpus, tmp_path / "a")
+    counts = {name: len(read_lines(tmp_path / "a" / f"{name}.jsonl")) for name in ("all", "train", "val", "test")}
+    assert counts == {"all": 7367, "train": 5895, "val": 736, "test": 736}
+    categories = [r["category"] for r in read_lines(tmp_path / "a" / "all.jsonl")]
+    assert {c: categories.count(c) for c in CATEGORIES} == REAL_COUNTS
+    run_prepare(corpus, tmp_path / "b")  # a rerun gives the same bytes
+    for name in ("all.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_license_readme_and_changes_are_not_articles(dataset_dir: Path, corpus_dir: Path) -> None:
