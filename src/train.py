@@ -263,10 +263,10 @@ def accumulate_gradients(
         # Under DDP, gradients are all-reduced once per step: on the last micro-batch only.
         sync = world_size == 1 or i == len(window) - 1
         with nullcontext() if sync else train_model.no_sync():
-            inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "index")}
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "index")}
             with autocast():  # the forward pass only; the loss is computed in fp32
                 logits = train_model(**inputs).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"].to(device), reduction="sum")
+            loss = F.cross_entropy(logits.float(), batch["labels"].to(device, non_blocking=True), reduction="sum")
             scaler.scale(loss / window_size).backward()
         total += loss.detach()
     return total
@@ -488,7 +488,8 @@ def main(args: Args) -> Path:
 
     pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
     sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    train_loader = DataLoader(examples["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=pad)
+    pin = device.type == "cuda"  # pinned host memory lets the copy to the GPU overlap with compute
+    train_loader = DataLoader(examples["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=pad, pin_memory=pin)
     eval_loaders = {
         split: DataLoader(shard_by_length(examples[split], rank, world_size), batch_size=args.eval_batch_size, collate_fn=pad)
         for split in ("val", "test")
