@@ -356,9 +356,14 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def args_to_json(args: Args) -> dict[str, Any]:
+    """The arguments as config.json stores them: paths as strings, everything else with its JSON type."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in args.as_dict().items()}
+
+
 def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, device: torch.device, dtype: torch.dtype, world_size: int) -> dict:
     """Every argument with its JSON type, plus what is needed to read the run later."""
-    config = {key: str(value) if isinstance(value, Path) else value for key, value in args.as_dict().items()}
+    config = args_to_json(args)
     environment = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
