@@ -152,15 +152,20 @@ def encode_parallel(
         return [row for chunk in pool.map(_encode_chunk, jobs) for row in chunk]
 
 
+def check_lengths(encoded: list[dict[str, list[int]]], text_fields: Sequence[str], max_seq_len: int, source: str) -> None:
+    """Only the last text is truncated: a first text (title) longer than max_seq_len on its own is an error."""
+    for line_no, example in enumerate(encoded, start=1):
+        if len(example["input_ids"]) > max_seq_len:
+            raise InputError(f"{source}: line {line_no}: {text_fields[0]} alone is longer than max_seq_len ({max_seq_len} tokens)")
+
+
 def tokenize_split(
     rows: list[dict], tokenizer: PreTrainedTokenizerBase, args: Args, token_type_ids: bool, path: Path
 ) -> list[dict]:
     """Examples ready for batching: token ids, label and position in the split. Done once per run."""
     texts = [[str(row[field]) for field in args.text_fields] for row in rows]
     encoded = encode_parallel(tokenizer, texts, args.max_seq_len, token_type_ids, args.num_workers)
-    for line_no, example in enumerate(encoded, start=1):
-        if len(example["input_ids"]) > args.max_seq_len:  # the first text alone is longer than max_seq_len
-            raise InputError(f"{path}: line {line_no}: {args.text_fields[0]} alone exceeds --max_seq_len {args.max_seq_len}")
+    check_lengths(encoded, args.text_fields, args.max_seq_len, str(path))
     return [{**example, "label": row["label"], "index": i} for i, (row, example) in enumerate(zip(rows, encoded))]
 
 

@@ -1,0 +1,251 @@
+"""Classify new texts with a model saved by `train.py --save_model`.
+
+    poetry run python src/predict.py --model_dir outputs/<model>/<date>/<time>/model \\
+        --input_file news.jsonl --output_file predictions.jsonl
+    printf '%s\\t%s\\n' "タイトル" "本文" | poetry run python src/predict.py --model_dir outputs/<model>/<date>/<time>/model
+
+Input, read as UTF-8:
+  --input_file  JSONL, one object per line with the model's text fields (title and body unless the
+                model was trained with other --text_fields). Every field is carried to the output.
+  stdin         (without --input_file) one text per line. For a pair model (title, body), a TAB
+                separates the title from the body; a line without a TAB is a body with an empty
+                title. For a single-text model, the whole line is the text.
+Output: JSONL (--output_file, written atomically, or stdout), a row per input row, in input order:
+the input row's fields, then `pred` (category name), `pred_id` and `probs` ({category: probability}).
+
+Text is tokenised by train.py's own code with the layout the model was trained with (text_fields
+and max_seq_len, recorded in the model's config.json): the body alone is truncated, as in training.
+Progress and information go to stderr, so stdout holds only the predictions.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Literal, TextIO
+
+import torch
+import transformers
+from tap import Tap
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+
+import train
+import utils
+from utils import InputError
+
+DEFAULT_TEXT_FIELDS = ["title", "body"]  # the layout of models saved before config.json recorded it
+DEFAULT_MAX_SEQ_LEN = 512
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+OUTPUT_FIELDS = ("pred", "pred_id", "probs")  # appended to each row; input fields of these names are replaced
+NO_LABEL = -100  # train.collate needs a label: cross_entropy's ignore_index, so train.predict's loss is 0 and unused
+SAVE_HINT = "train one with `python src/train.py --save_model` and pass its RUN_DIR/model, e.g. outputs/<model>/<date>/<time>/model"
+
+
+class Args(Tap):
+    model_dir: Path  # the folder train.py --save_model wrote: RUN_DIR/model (config.json, model.safetensors, tokenizer)
+    input_file: Path | None = None  # JSONL with the model's text fields (e.g. title, body); without it, stdin: a text per line (pairs: title TAB body; no TAB: body only)
+    output_file: Path | None = None  # JSONL of the input rows with pred, pred_id and probs (written atomically); without it, stdout
+    batch_size: int = 32  # examples per forward pass (batches are sorted by length, the output is in input order)
+    device: str = "auto"  # auto (cuda, else mps, else cpu), or a torch device such as cpu, cuda:1, mps
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the forward pass; auto: bf16/fp16 on GPUs (faster, probabilities differ slightly)
+    num_workers: int = 0  # processes that tokenise the input (0: one per CPU core, at most 8)
+
+    def process_args(self) -> None:
+        if self.batch_size < 1:
+            self.error("--batch_size must be at least 1")
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    """The saved model's config; a folder that is not a fine-tuned classification model is an InputError."""
+    problem = None
+    if not model_dir.is_dir():
+        problem = "no such folder"
+    elif not (model_dir / "config.json").is_file():
+        problem = "no config.json"
+    elif not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        problem = "no model weights (model.safetensors)"
+    elif "id2label" not in utils.load_json(model_dir / "config.json"):  # a base model: AutoConfig would invent LABEL_0, LABEL_1
+        problem = "config.json has no id2label: not fine-tuned for classification"
+    if problem:
+        raise InputError(f"{model_dir} is not a saved classification model ({problem}): {SAVE_HINT}")
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load {model_dir / 'config.json'} ({str(e).splitlines()[0]})") from None
+
+
+def input_layout(config: PretrainedConfig) -> tuple[list[str], int]:
+    """(text_fields, max_seq_len) the model was trained with, as train.py records them in config.json."""
+    text_fields = list(getattr(config, "text_fields", None) or DEFAULT_TEXT_FIELDS)
+    max_seq_len = int(getattr(config, "max_seq_len", None) or DEFAULT_MAX_SEQ_LEN)
+    if not 1 <= len(text_fields) <= 2 or not all(isinstance(field, str) for field in text_fields):
+        raise InputError(f"config.json: text_fields must be one field name or two, got {text_fields!r}")
+    return text_fields, max_seq_len
+
+
+def load_model(model_dir: Path, config: PretrainedConfig) -> tuple[transformers.PreTrainedTokenizerBase, transformers.PreTrainedModel]:
+    """The saved tokenizer and model, through the same Auto* classes as any transformers user."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the model saved in {model_dir} ({str(e).splitlines()[0]}): {SAVE_HINT}") from None
+    return tokenizer, model
+
+
+# --- input ------------------------------------------------------------------------------------
+
+
+def check_rows(rows: list[dict], text_fields: Sequence[str], source: str) -> list[dict]:
+    """Every row has each text field, as a string."""
+    for line_no, row in enumerate(rows, start=1):
+        missing = [field for field in text_fields if field not in row]
+        if missing:
+            raise InputError(f"{source}: line {line_no}: missing field(s) {', '.join(missing)} (the model reads {', '.join(text_fields)})")
+        for field in text_fields:
+            if not isinstance(row[field], str):
+                raise InputError(f"{source}: line {line_no}: {field} must be a string, got {utils.to_json(row[field])}")
+    return rows
+
+
+def read_jsonl(path: Path, text_fields: Sequence[str]) -> list[dict]:
+    if not path.is_file():
+        raise InputError(f"{path} not found")
+    return check_rows(utils.load_jsonl(path), text_fields, str(path))
+
+
+def parse_line(line: str, text_fields: Sequence[str]) -> dict[str, str]:
+    """One stdin line as a row: the text, or for a pair `first TAB last` (no TAB: the last field alone)."""
+    if len(text_fields) == 1:
+        return {text_fields[0]: line}
+    first, tab, last = line.partition("\t")
+    return {text_fields[0]: first, text_fields[1]: last} if tab else {text_fields[0]: "", text_fields[1]: line}
+
+
+def stdin_lines(stream: TextIO) -> Iterator[str]:
+    """Lines of stdin decoded as UTF-8, whatever the platform's locale (Windows pipes default to cp1252/cp932)."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:  # an in-memory text stream (io.StringIO)
+        yield from stream
+        return
+    for line_no, raw in enumerate(buffer, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"<stdin>: line {line_no}: not valid UTF-8 ({e.reason})") from None
+
+
+def read_lines(lines: Iterable[str], text_fields: Sequence[str]) -> list[dict]:
+    """Rows from plain text lines; an empty line is an error (it would be a prediction for no text)."""
+    rows = []
+    for line_no, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            raise InputError(f"<stdin>: line {line_no}: empty line (give one text per line)")
+        rows.append(parse_line(line, text_fields))
+    return rows
+
+
+# --- prediction -------------------------------------------------------------------------------
+
+
+def tokenize(
+    rows: list[dict], tokenizer: transformers.PreTrainedTokenizerBase, text_fields: Sequence[str], max_seq_len: int,
+    token_type_ids: bool, num_workers: int, source: str,
+) -> list[dict]:
+    """Examples as train.py makes them (its own encode), numbered in input order."""
+    if not rows:
+        return []
+    texts = [[row[field] for field in text_fields] for row in rows]
+    encoded = train.encode_parallel(tokenizer, texts, max_seq_len, token_type_ids, num_workers)
+    train.check_lengths(encoded, text_fields, max_seq_len, source)
+    return [{**example, "label": NO_LABEL, "index": i} for i, example in enumerate(encoded)]
+
+
+def classify(
+    model: torch.nn.Module, examples: list[dict], pad_token_id: int, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Logits (fp32, on the CPU) per example in input order, by train.py's evaluation code: batches longest first."""
+    ordered = train.shard_by_length(examples, rank=0, world_size=1)
+    loader = DataLoader(ordered, batch_size=batch_size, collate_fn=partial(train.collate, pad_token_id=pad_token_id))
+    autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return [p["logits"] for p in train.gather(train.predict(model, loader, device, autocast), world_size=1)]
+
+
+def with_prediction(row: dict, logits: torch.Tensor, labels: Sequence[str]) -> dict:
+    """The input row, then pred (category name), pred_id and probs ({category: probability})."""
+    pred_id = int(logits.argmax())
+    probs = torch.softmax(logits, -1).tolist()
+    carried = {key: value for key, value in row.items() if key not in OUTPUT_FIELDS}
+    return {**carried, "pred": labels[pred_id], "pred_id": pred_id, "probs": dict(zip(labels, probs))}
+
+
+def write_predictions(rows: Iterable[dict], output_file: Path | None) -> None:
+    """To the file, atomically (never half written), or to stdout in UTF-8 whatever the platform's locale."""
+    if output_file is not None:
+        utils.save_jsonl(rows, output_file)
+        return
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(encoding="utf-8")
+    for row in rows:
+        sys.stdout.write(utils.to_json(row) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> list[dict]:
+    """Read the input, classify every row, write the predictions; return them."""
+    transformers.utils.logging.disable_progress_bar()
+
+    # The device, the model folder and the input are checked before any weights are loaded.
+    device = train.resolve_device(args.device)
+    dtype = train.resolve_dtype(args.dtype, device)
+    config = load_config(args.model_dir)
+    text_fields, max_seq_len = input_layout(config)
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    if args.input_file is not None:
+        source = str(args.input_file)
+        rows = read_jsonl(args.input_file, text_fields)
+    else:
+        source = "<stdin>"
+        if sys.stdin.isatty():
+            info(f"reading from stdin, one text per line ({' TAB '.join(text_fields)}); end with Ctrl-D")
+        rows = read_lines(stdin_lines(sys.stdin), text_fields)
+
+    tokenizer, model = load_model(args.model_dir, config)
+    model.to(device)
+    info(
+        f"model: {args.model_dir} ({len(labels)} categories; input {' + '.join(text_fields)}, at most {max_seq_len} tokens) "
+        f"on {device}, {str(dtype).removeprefix('torch.')}"
+    )
+
+    start = time.perf_counter()
+    token_type_ids = train.wants_token_type_ids(model.config, text_fields)
+    examples = tokenize(rows, tokenizer, text_fields, max_seq_len, token_type_ids, args.num_workers, source)
+    logits = classify(model, examples, tokenizer.pad_token_id, args.batch_size, device, dtype)
+    predictions = [with_prediction(row, row_logits, labels) for row, row_logits in zip(rows, logits)]
+    seconds = time.perf_counter() - start
+    info(f"classified {len(rows):,} rows from {source} in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} rows/s)")
+
+    write_predictions(predictions, args.output_file)
+    if args.output_file is not None:
+        info(f"wrote {args.output_file}")
+    return predictions
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, Args().parse_args())
