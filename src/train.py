@@ -138,17 +138,21 @@ def _encode_chunk(args: tuple[PreTrainedTokenizerBase, list[list[str]], int, boo
     return encode(*args)
 
 
+def tokenizer_workers(num_workers: int) -> int:
+    """--num_workers, or by default the CPU cores shared among this machine's processes (at most 8)."""
+    return num_workers or max(1, min((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 8))
+
+
 def encode_parallel(
     tokenizer: PreTrainedTokenizerBase, texts: list[list[str]], max_seq_len: int, token_type_ids: bool, num_workers: int
 ) -> list[dict[str, list[int]]]:
     """encode() spread over processes: the Japanese tokenizer has no fast version (~120 docs/s per core)."""
-    # Default: share the cores among the processes of this machine (torchrun sets LOCAL_WORLD_SIZE).
-    num_workers = num_workers or max(1, min((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 8))
-    chunk_size = 256
-    if num_workers == 1 or len(texts) <= chunk_size:
+    workers = tokenizer_workers(num_workers)
+    if workers == 1 or len(texts) < 64:  # a pool costs more than it saves here
         return encode(tokenizer, texts, max_seq_len, token_type_ids)
+    chunk_size = math.ceil(len(texts) / (workers * 4))  # 4 chunks per worker even out their speeds
     jobs = [(tokenizer, chunk, max_seq_len, token_type_ids) for chunk in chunked(texts, chunk_size)]
-    with get_context().Pool(num_workers) as pool:  # fork on Linux, spawn elsewhere: nothing global is read
+    with get_context().Pool(workers) as pool:  # fork on Linux, spawn elsewhere: nothing global is read
         return [row for chunk in pool.map(_encode_chunk, jobs) for row in chunk]
 
 
@@ -255,26 +259,43 @@ def window_counts(window: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
 
 
 def accumulate_gradients(
-    train_model: torch.nn.Module, window: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any, scaler: torch.amp.GradScaler, world_size: int
+    train_model: torch.nn.Module, window: list[dict[str, torch.Tensor]], window_size: int, device: torch.device,
+    autocast: Any, scaler: torch.amp.GradScaler, world_size: int,
 ) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step; return their summed loss.
 
-    Each loss is divided by the example count of the whole window, so every example weighs the
-    same whatever the micro-batch sizes: the gradient equals that of one batch of the window.
+    Each loss is divided by the example count of the whole window (`window_size`, over all its
+    micro-batches), so every example weighs the same whatever the micro-batch sizes: the gradient
+    equals that of one batch of the window.
     """
-    window_size, _ = window_counts(window)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(window):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # all at once, before the forward
+        labels = batch.pop("labels")
+        del batch["index"]
         # Under DDP, gradients are all-reduced once per step: on the last micro-batch only.
         sync = world_size == 1 or i == len(window) - 1
         with nullcontext() if sync else train_model.no_sync():
-            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "index")}
             with autocast():  # the forward pass only; the loss is computed in fp32
-                logits = train_model(**inputs).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"].to(device, non_blocking=True), reduction="sum")
+                logits = train_model(**batch).logits
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             scaler.scale(loss / window_size).backward()
         total += loss.detach()
     return total
+
+
+def optimizer_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler, max_grad_norm: float,
+) -> None:
+    """Clip the (unscaled) gradients, step (skipped by the fp16 scaler on inf/NaN), clear, advance the schedule."""
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -553,22 +574,18 @@ def main(args: Args) -> Path:
         loss_sum, seen, tokens = 0.0, 0, 0
         progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0)
         for window in chunked(train_loader, args.gradient_accumulation_steps):
-            window_loss = accumulate_gradients(train_model, window, device, autocast, scaler, world_size)
-            # One sync per optimizer step: the loss, examples and tokens of this step over all processes.
-            stats = torch.stack([window_loss, *(torch.tensor(float(n), device=device) for n in window_counts(window))])
-            if world_size > 1:
+            step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
+            window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)
+            if world_size > 1:  # the loss, examples and tokens of this step over all processes
+                stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
                 dist.all_reduce(stats)
-            step_loss, step_examples, step_tokens = stats.tolist()
+                step_loss, step_examples, step_tokens = stats.tolist()
+            else:
+                step_loss = window_loss.item()  # the one device sync of a step
             if not math.isfinite(step_loss):
                 raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
             loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
-            if args.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
             progress.update()
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         progress.close()

@@ -60,7 +60,7 @@ def test_accumulated_gradient_equals_one_batch(tiny_model_dir: Path, dataset_dir
         model.zero_grad()
         starts = [sum(window_sizes[:i]) for i in range(len(window_sizes))]
         window = [train.collate(examples[s : s + n], tokenizer.pad_token_id) for s, n in zip(starts, window_sizes)]
-        train.accumulate_gradients(model, window, torch.device("cpu"), autocast, scaler, world_size=1)
+        train.accumulate_gradients(model, window, sum(window_sizes), torch.device("cpu"), autocast, scaler, world_size=1)
         return [p.grad.clone() for p in model.parameters()]
 
     # Unequal micro-batches (5 + 3) give the gradient of the batch of 8.
