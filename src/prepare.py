@@ -146,7 +146,8 @@ def main(args: Args) -> None:
             write_split(tmp / "folds" / str(fold), fold_splits(parts, fold), label2id)
 
     print(summary_table({"all": rows, **fold_splits(parts, fold=0)}, categories))
-    print(f"wrote {args.output_dir} (seed {args.seed}, folds 0-{args.num_folds - 1} under {args.output_dir / 'folds'})")
+    folds = "fold 0" if args.num_folds == 1 else f"folds 0-{args.num_folds - 1}"
+    print(f"wrote {args.output_dir} (seed {args.seed}; {folds} under {args.output_dir / 'folds'}, fold 0 = the default split)")
 
 
 if __name__ == "__main__":
