@@ -333,26 +333,22 @@ def report(args: Args, info: dict[str, Any], tokenised: dict[str, Any], model_on
         share = f" ({achieved / peak:.1%} of {peak:g})" if peak and half else ""
         return f"{achieved:.3g}{share}"
 
+    def measured_row(name: str, measured: dict[str, Any]) -> list[str]:
+        return [
+            name,
+            f"{measured['examples_per_s']:,.1f}",
+            f"{measured['tokens_per_s']:,.0f}",
+            f"{measured['step_seconds'] * 1e3:,.1f}",
+            format_bytes(measured["peak_memory"]),
+            tflops(measured["tokens_per_s"]),
+        ]
+
     header = ["", "examples/s", "tokens/s", "step (ms)", "peak memory", "TFLOP/s"]
     table = [
         header,
         [f"tokenise train split ({tokenised['examples']})", f"{tokenised['examples_per_s']:,.1f}", f"{tokenised['tokens_per_s']:,.0f}", "", "", ""],
-        [
-            f"model-only step ({args.steps} steps)",
-            f"{model_only['examples_per_s']:,.1f}",
-            f"{model_only['tokens_per_s']:,.0f}",
-            f"{model_only['step_seconds'] * 1e3:,.1f}",
-            format_bytes(model_only["peak_memory"]),
-            tflops(model_only["tokens_per_s"]),
-        ],
-        [
-            f"full loop (train.main, epoch {full['epoch']})",
-            f"{full['examples_per_s']:,.1f}",
-            f"{full['tokens_per_s']:,.0f}",
-            f"{full['step_seconds'] * 1e3:,.1f}",
-            format_bytes(full["peak_memory"]),
-            tflops(full["tokens_per_s"]),
-        ],
+        measured_row(f"model-only step ({args.steps} steps)", model_only),
+        measured_row(f"full loop (train.main, epoch {full['epoch']})", full),
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
