@@ -17,7 +17,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
@@ -42,7 +42,6 @@ import utils
 from utils import InputError
 
 SPLITS = ("train", "val", "test")
-METRICS = ("loss", "accuracy", "precision", "recall", "f1")
 
 
 class Args(Tap):
