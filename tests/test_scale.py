@@ -26,6 +26,7 @@ def test_torchrun_with_two_cpu_processes(tiny_model_dir: Path, dataset_dir: Path
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "src" / "train.py"),
         "--model_name", str(tiny_model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(tmp_path),
         *TINY_TRAINING, "--batch_size", "4",  # 4 per process x 2 processes: the usual effective batch of 8
+        "--save_model",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,6 +45,8 @@ def test_torchrun_with_two_cpu_processes(tiny_model_dir: Path, dataset_dir: Path
     assert metrics["f1"] == pytest.approx(f1_score(labels, preds, labels=list(range(9)), average="macro", zero_division=0))
     assert metrics["loss"] == pytest.approx(sum(-math.log(p["probs"][p["label"]]) for p in predictions) / len(predictions), rel=1e-5)
     assert metrics["accuracy"] >= 0.6  # it learns under DDP too
+    with safe_open(run_dir / "model" / "model.safetensors", "pt") as f:  # saved without DDP's module. prefix
+        assert "classifier.weight" in f.keys() and not [k for k in f.keys() if k.startswith("module.")]
 
 
 def test_accumulated_gradient_equals_one_batch(tiny_model_dir: Path, dataset_dir: Path) -> None:
