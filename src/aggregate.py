@@ -211,9 +211,10 @@ def best_settings(settings: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def is_hub_id(model_name: str, pattern: re.Pattern[str] = HUB_ID) -> bool:
     """Whether `model_name` looks like a Hub id (so it can be linked), not a local folder like ./x or /x.
 
-    A relative folder written without ./ (models/x) cannot be told apart from a Hub id by its name.
+    A relative folder written without ./ (models/x) looks like a Hub id by its name: it is told
+    apart by existing here (aggregate.py runs from the same root as train.py).
     """
-    return pattern.fullmatch(model_name) is not None and ".." not in model_name
+    return pattern.fullmatch(model_name) is not None and ".." not in model_name and not Path(model_name).exists()
 
 
 def format_params(num_params: int) -> str:

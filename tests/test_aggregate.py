@@ -323,6 +323,13 @@ def test_only_hub_ids_are_linked(model_name: str, linked: bool) -> None:
     assert aggregate.is_hub_id(model_name) is linked
 
 
+def test_a_local_folder_named_like_a_hub_id_is_not_linked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert aggregate.is_hub_id("models/tiny-bert")
+    (tmp_path / "models" / "tiny-bert").mkdir(parents=True)
+    assert not aggregate.is_hub_id("models/tiny-bert")
+
+
 @pytest.mark.parametrize(
     ("num_params", "text"), [(111_207_177, "111 M"), (559_890_432, "560 M"), (1_234_567, "1.2 M"), (52_000, "0.052 M")]
 )
