@@ -269,7 +269,7 @@ def plot_f1(best: pd.DataFrame) -> bytes:
     ax.barh(y, f1, color="tab:blue")
     ax.errorbar(f1[has_std], y[has_std], xerr=whisker[has_std], fmt="none", ecolor="black", capsize=3)
     for i in y:
-        ax.annotate(f"{f1[i]:.2f}", (f1[i] + whisker[i], i), xytext=(4, 0), textcoords="offset points", va="center")
+        ax.annotate(f"{f1[i]:.2f}", (min(f1[i] + whisker[i], 100.0), i), xytext=(4, 0), textcoords="offset points", va="center")
     ax.set_yticks(y, best["model_name"])
     ax.invert_yaxis()  # best model on top, as in best.csv
     # Fine-tuned models score close together: zoom in on them (the axis says where it starts).
