@@ -424,15 +424,17 @@ def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict],
     )
     labels, preds = [p["label"] for p in predictions], [p["pred"] for p in predictions]
     precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=list(range(len(names))), zero_division=0)
-    with utils.atomic_path(run_dir / "test-per-class.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["category", "precision", "recall", "f1", "support"])
-        writer.writerows(zip(names, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist()))
+    utils.save_csv(
+        ["category", "precision", "recall", "f1", "support"],
+        zip(names, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist()),
+        run_dir / "test-per-class.csv",
+    )
     matrix = confusion_matrix(labels, preds, labels=list(range(len(names))))
-    with utils.atomic_path(run_dir / "test-confusion-matrix.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *names])
-        writer.writerows([name, *counts] for name, counts in zip(names, matrix.tolist()))
+    utils.save_csv(
+        ["true \\ predicted", *names],
+        ([name, *counts] for name, counts in zip(names, matrix.tolist())),
+        run_dir / "test-confusion-matrix.csv",
+    )
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, args: Args) -> None:

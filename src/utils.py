@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -107,6 +108,13 @@ def load_jsonl(path: Path) -> list[dict]:
                 raise InputError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+def save_csv(header: list[str], rows: Iterable[Iterable[Any]], path: Path) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def set_seed(seed: int) -> None:
