@@ -132,11 +132,7 @@ def parse_line(line: str, text_fields: Sequence[str]) -> dict[str, str]:
 
 def stdin_lines(stream: TextIO) -> Iterator[str]:
     """Lines of stdin decoded as UTF-8, whatever the platform's locale (Windows pipes default to cp1252/cp932)."""
-    buffer = getattr(stream, "buffer", None)
-    if buffer is None:  # an in-memory text stream (io.StringIO)
-        yield from stream
-        return
-    for line_no, raw in enumerate(buffer, start=1):
+    for line_no, raw in enumerate(stream.buffer, start=1):
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:

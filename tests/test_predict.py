@@ -143,6 +143,11 @@ def test_batches_are_sorted_by_length(model_dir: Path, dataset_dir: Path, test_r
 # --- predict.py on stdin ------------------------------------------------------------------------
 
 
+def piped(data: str | bytes) -> io.TextIOWrapper:
+    """A stand-in for a piped stdin: text over bytes, as the real one is."""
+    return io.TextIOWrapper(io.BytesIO(data.encode("utf-8") if isinstance(data, str) else data))
+
+
 def test_stdin_lines_give_the_same_predictions_as_jsonl(
     model_dir: Path, test_rows: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -154,7 +159,7 @@ def test_stdin_lines_give_the_same_predictions_as_jsonl(
     from_file = run_predict(model_dir, "--input_file", str(tmp_path / "in.jsonl"), "--output_file", str(tmp_path / "out.jsonl"))
     capsys.readouterr()
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    monkeypatch.setattr(sys, "stdin", piped("".join(line + "\n" for line in lines)))
     run_predict(model_dir, "--batch_size", "4")
     captured = capsys.readouterr()
     from_stdin = [json.loads(line) for line in captured.out.splitlines()]  # stdout holds the predictions only
@@ -170,7 +175,7 @@ def test_a_single_text_model_reads_whole_lines(model_dir: Path, test_rows: list[
     config = utils.load_json(single / "config.json")
     utils.save_json({**config, "text_fields": ["text"]}, single / "config.json")
     rows = [{"text": f"{r['title']}\t{r['body'].replace(chr(10), '')}"} for r in test_rows[:4]]
-    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(r["text"] + "\n" for r in rows)))
+    monkeypatch.setattr(sys, "stdin", piped("".join(r["text"] + "\n" for r in rows)))
     run_predict(single)
     from_stdin = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [{"text": p["text"]} for p in from_stdin] == rows  # the TAB is part of the one text
@@ -189,7 +194,7 @@ def test_dtype_applies_autocast(model_dir: Path, test_rows: list[dict], monkeypa
     text = "".join(f"{r['title']}\t{r['body'].replace(chr(10), '')}\n" for r in test_rows[:4])
     results = {}
     for dtype in ("fp32", "bf16"):
-        monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+        monkeypatch.setattr(sys, "stdin", piped(text))
         results[dtype] = as_lists(run_predict(model_dir, "--device", "cpu", "--dtype", dtype))
     capsys.readouterr()
     flat = {dtype: [p for row in rows for p in row] for dtype, rows in results.items()}
@@ -259,8 +264,14 @@ def test_missing_input_file(model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_empty_stdin_line_is_an_error(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO("タイトル\t本文\n\nタイトル\t本文\n"))
+    monkeypatch.setattr(sys, "stdin", piped("タイトル\t本文\n\nタイトル\t本文\n"))
     with pytest.raises(InputError, match=r"^<stdin>: line 2: empty line"):
+        run_predict(model_dir)
+
+
+def test_stdin_that_is_not_utf8_is_an_error(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", piped("タイトル\t本文\n".encode("utf-8") + "本文\n".encode("cp932")))
+    with pytest.raises(InputError, match=r"^<stdin>: line 2: not valid UTF-8"):
         run_predict(model_dir)
 
 
