@@ -4,30 +4,29 @@
 
 Writes results/all.csv (one row per run), results/best.csv (per model, the setting with the best
 mean val F1, with mean and std over its seeds/folds), results/best.md (the Markdown table of
-best.csv) and results/best.png (test F1 per model). Nothing is downloaded: parameter counts come
-from each run's config.json.
+best.csv), results/per-class.csv (test F1 per category of each best setting) and the figures
+best.png, curves.png and per-class.png (drawn by plot.py). Nothing is downloaded: parameter counts
+come from each run's config.json, figures from each run's log.csv and test-per-class.csv.
 """
 
 from __future__ import annotations
 
-import io
-import math
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from tap import Tap
 
+import plot
 import utils
 
 
 class Args(Tap):
     input_dir: Path = Path("outputs")  # folder searched recursively for run folders (those holding config.json)
-    output_dir: Path = Path("results")  # where all.csv, best.csv, best.md and best.png are written
+    output_dir: Path = Path("results")  # where all.csv, best.csv, best.md, per-class.csv and the figures (best.png, curves.png, per-class.png) are written
 
 
 METRICS = ("loss", "accuracy", "precision", "recall", "f1")
@@ -251,44 +250,56 @@ def markdown_table(best: pd.DataFrame, scores: tuple[str, ...] = SCORES) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_f1(best: pd.DataFrame) -> bytes:
-    """PNG of a horizontal bar per model: mean test F1 (%) with std error bars where n_runs > 1."""
-    # Imported here: only the plot needs matplotlib, and it is slow to import. The Agg canvas
-    # renders without a display and without pyplot's global state.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def best_setting_runs(runs: pd.DataFrame, best: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """model_name and run_dir of every run of each model's best setting, models in best.csv's order."""
+    # An inner merge keeps the left side's order; NaN keys (a field some runs lack) match each other.
+    return best[keys].merge(runs[[*keys, "run_dir"]], on=keys, how="inner")[["model_name", "run_dir"]]
 
-    f1 = best["f1"].to_numpy(dtype=float) * 100
-    has_std = (best["n_runs"] > 1).to_numpy()
-    whisker = np.where(has_std, best["f1_std"].to_numpy(dtype=float) * 100, 0.0)  # std is NaN for one run
-    y = np.arange(len(best))
 
-    fig = Figure(figsize=(8, 1.0 + 0.45 * len(best)))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.barh(y, f1, color="tab:blue")
-    ax.errorbar(f1[has_std], y[has_std], xerr=whisker[has_std], fmt="none", ecolor="black", capsize=3)
-    for i in y:
-        ax.annotate(f"{f1[i]:.2f}", (min(f1[i] + whisker[i], 100.0), i), xytext=(4, 0), textcoords="offset points", va="center")
-    ax.set_yticks(y, best["model_name"])
-    ax.invert_yaxis()  # best model on top, as in best.csv
-    # Fine-tuned models score close together: zoom in on them (the axis says where it starts).
-    ax.set_xlim(max(0.0, math.floor((f1 - whisker).min()) - 1), min(100.0, math.ceil((f1 + whisker).max()) + 1))
-    ax.set_xlabel("test macro-F1 (%), mean ± std over runs")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+def read_run_tables(members: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Val F1 by epoch (log.csv) and test F1 by category (test-per-class.csv) of each run, with its model and run.
+
+    A run whose file is missing or unreadable (e.g. made before the per-class report existed) is
+    reported and left out of that figure only.
+    """
+    logs, reports = [], []
+    for model_name, run_dir in members.itertuples(index=False):
+        try:
+            logs.append(plot.read_log(Path(run_dir), ("epoch", "f1")).assign(model_name=model_name, run_dir=run_dir))
+        except utils.InputError as e:
+            print(f"left out of curves.png: {e}", file=sys.stderr)
+        try:
+            report = plot.read_table(Path(run_dir) / "test-per-class.csv", ("f1",), index_col=0)
+            reports.append(pd.DataFrame({"category": report.index, "f1": report["f1"].to_numpy(), "model_name": model_name, "run_dir": run_dir}))
+        except utils.InputError as e:
+            print(f"left out of per-class.csv: {e}", file=sys.stderr)
+    empty = pd.DataFrame(columns=["model_name", "run_dir"])
+    return (pd.concat(logs, ignore_index=True) if logs else empty), (pd.concat(reports, ignore_index=True) if reports else empty)
+
+
+def mean_curves(logs: pd.DataFrame) -> pd.DataFrame:
+    """Per model and epoch: mean val F1, its std (ddof=1; NaN for one run) and the number of runs."""
+    if logs.empty:
+        return pd.DataFrame(columns=["model_name", "epoch", "f1", "f1_std", "n_runs"])
+    grouped = logs.groupby(["model_name", "epoch"], sort=False)["f1"]
+    return grouped.agg(f1="mean", f1_std="std", n_runs="size").reset_index()
+
+
+def per_class_table(reports: pd.DataFrame) -> pd.DataFrame:
+    """A row per model: model_name, n_runs, then the mean test F1 of each category (in the runs' order)."""
+    if reports.empty:
+        return pd.DataFrame(columns=["model_name", "n_runs"])
+    models = list(dict.fromkeys(reports["model_name"]))
+    categories = list(dict.fromkeys(reports["category"]))
+    means = reports.groupby(["model_name", "category"], sort=False)["f1"].mean().unstack("category")
+    table = means.reindex(index=models, columns=categories)
+    table.insert(0, "n_runs", reports.groupby("model_name")["run_dir"].nunique().reindex(models))
+    return table.rename_axis(index="model_name", columns=None).reset_index()
 
 
 def write_text(text: str, path: Path) -> None:
     with utils.atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def write_bytes(data: bytes, path: Path) -> None:
-    with utils.atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def main(args: Args) -> None:
@@ -330,16 +341,34 @@ def main(args: Args) -> None:
 
     best = best_settings(summarize_settings(runs, keys), keys)
     table = markdown_table(best)
-    png = plot_f1(best)
+
+    # Figures of results/, from the files of the best settings' runs.
+    logs, reports = read_run_tables(best_setting_runs(runs, best, keys))
+    curves, per_class = mean_curves(logs), per_class_table(reports)
+    figures = {"best.png": plot.best_figure(best)}
+    if not curves.empty:
+        figures["curves.png"] = plot.model_curves_figure(curves)
+    if not per_class.empty:
+        figures["per-class.png"] = plot.per_class_figure(per_class)
 
     # Everything is computed: now write, each file atomically.
     write_text(runs.to_csv(index=False), args.output_dir / "all.csv")
     write_text(best.to_csv(index=False), args.output_dir / "best.csv")
     write_text(table, args.output_dir / "best.md")
-    write_bytes(png, args.output_dir / "best.png")
+    written = ["all.csv", "best.csv", "best.md"]
+    if not per_class.empty:
+        write_text(per_class.to_csv(index=False), args.output_dir / "per-class.csv")
+        written.append("per-class.csv")
+    for name, figure in figures.items():
+        plot.save_png(figure, args.output_dir / name)
+    written.extend(figures)
     print()
     print(table)
-    print(f"wrote {args.output_dir}/all.csv, best.csv, best.md and best.png")
+    if "curves.png" not in figures:
+        print("no readable log.csv in the best settings' runs: curves.png not written")
+    if "per-class.png" not in figures:
+        print("no readable test-per-class.csv in the best settings' runs: per-class.csv and per-class.png not written")
+    print(f"wrote {', '.join(written)} in {args.output_dir}")
 
 
 if __name__ == "__main__":

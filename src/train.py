@@ -5,8 +5,8 @@
 
 The run folder OUTPUT_ROOT/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/ receives, in this order:
 config.json (at the start), log.csv (a row per evaluation), val-metrics.json, test-predictions.jsonl,
-test-per-class.csv, test-confusion-matrix.csv, model/ (with --save_model), and test-metrics.json
-last: its presence means the run finished.
+test-per-class.csv, test-confusion-matrix.csv, the figures curves.png and test-confusion-matrix.png,
+model/ (with --save_model), and test-metrics.json last: its presence means the run finished.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tqdm import tqdm, trange
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.optimization import get_linear_schedule_with_warmup
 
+import plot
 import utils
 from utils import InputError
 
@@ -606,6 +607,11 @@ def main(args: Args) -> Path:
     if rank == 0:
         utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
         write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
+        try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
+            plot.draw_run(run_dir)
+        except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
+            reason = str(e).split("\n")[0]
+            log(f"warning: figures not drawn ({type(e).__name__}: {reason}); redraw them with python src/plot.py --run_dirs {run_dir}")
         if args.save_model:
             save_model(model, tokenizer, run_dir / "model", args)
         utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished

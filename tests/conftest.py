@@ -74,3 +74,14 @@ def finished_run(make_train_args, tmp_path_factory: pytest.TempPathFactory) -> P
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def assert_png(path: Path, min_size: tuple[int, int] = (600, 300), max_size: tuple[int, int] = (4000, 4000)) -> None:
+    """A complete PNG image whose width and height lie within the bounds."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        size = image.size
+        image.load()  # decodes every byte: a truncated file fails here
+    assert min_size[0] <= size[0] <= max_size[0] and min_size[1] <= size[1] <= max_size[1], (path, size)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 import aggregate
+import plot
 import utils
+from conftest import assert_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +41,8 @@ RESULTS = {
     (LOCAL, 5e-5): [(0.60, 0.99, 0.99, 0.99, 0.99), (0.60, 0.99, 0.99, 0.99, 0.99)],
 }
 BEST_LR = {BERT: 3e-5, LUKE: 3e-5, LOCAL: 3e-5}
+CATEGORIES = ["sports-watch", "dokujo-tsushin", "it-life-hack"]  # the runs' order, not alphabetical
+CATEGORY_OFFSETS = [0.01, -0.02, 0.005]
 ALL_COLUMNS = [
     "model_name", "lr", "seed", "dataset", "best-val-epoch", "best-val-f1",
     "loss", "accuracy", "precision", "recall", "f1", "num_params", "run_dir",
@@ -87,8 +93,12 @@ def make_run(
     }
     utils.save_json(config, run_dir / "config.json")
     utils.save_json({"epoch": 1}, run_dir / "model" / "config.json")  # a saved model's config: not a run
-    (run_dir / "log.csv").write_text("epoch,f1\n1,0.5\n", encoding="utf-8")
     val_f1, accuracy, precision, recall, f1 = scores
+    # Val F1 by epoch rises to the run's best at epoch 3; test F1 by category spreads around its F1.
+    log = "".join(f"{epoch},{1.0 - epoch / 10},{val_f1 * epoch / 3}\n" for epoch in range(4))
+    (run_dir / "log.csv").write_text("epoch,loss,f1\n" + log, encoding="utf-8")
+    per_class = [(category, f1 + offset) for category, offset in zip(CATEGORIES, CATEGORY_OFFSETS)]
+    utils.save_csv(["category", "f1", "support"], ([c, v, 10] for c, v in per_class), run_dir / "test-per-class.csv")
     val_metrics = {"best-epoch": 3, "loss": 0.2, **{m: val_f1 for m in ["accuracy", "precision", "recall", "f1"]}}
     utils.save_json(val_metrics, run_dir / "val-metrics.json")
     if finished:
@@ -189,11 +199,113 @@ def test_best_md_is_the_reference_table(results: tuple) -> None:
     assert table in out  # the summary prints the table
 
 
-def test_best_png_is_a_png(results: tuple) -> None:
+def test_results_figures_are_pngs(results: tuple) -> None:
     results_dir, *_ = results
-    data = (results_dir / "best.png").read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    assert len(data) > 1000
+    for name in ("best.png", "curves.png", "per-class.png"):
+        assert_png(results_dir / name)
+
+
+def test_per_class_csv_is_the_mean_over_the_best_settings_runs(results: tuple) -> None:
+    results_dir, *_ = results
+    per_class = pd.read_csv(results_dir / "per-class.csv")
+    assert list(per_class.columns) == ["model_name", "n_runs", *CATEGORIES]
+    assert list(per_class["model_name"]) == [LUKE, LOCAL, BERT]  # best.csv's order
+    for row in per_class.to_dict("records"):
+        assert row["n_runs"] == 2
+        test_f1 = expected(row["model_name"], 4)[0]
+        for category, offset in zip(CATEGORIES, CATEGORY_OFFSETS):
+            assert row[category] == pytest.approx(test_f1 + offset), (row["model_name"], category)
+
+
+def spy_on_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[pd.DataFrame, object]]:
+    """Record the table each results figure of plot.py is drawn from, and the figure itself, by function name."""
+    drawn: dict[str, tuple[pd.DataFrame, object]] = {}
+    for name in ("best_figure", "model_curves_figure", "per_class_figure"):
+        def spy(table: pd.DataFrame, draw=getattr(plot, name), name: str = name) -> object:
+            drawn[name] = (table.copy(), draw(table))
+            return drawn[name][1]
+
+        monkeypatch.setattr(plot, name, spy)
+    return drawn
+
+
+def test_figures_draw_the_best_settings_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = spy_on_figures(monkeypatch)
+    make_grid(tmp_path / "outputs")
+    run_aggregate(tmp_path / "outputs", tmp_path / "results")
+    models = [LUKE, LOCAL, BERT]
+
+    # curves.png: mean and std (ddof=1) of val F1 by epoch over the 2 runs of each best setting.
+    curves, figure = drawn["model_curves_figure"]
+    assert list(dict.fromkeys(curves["model_name"])) == models
+    axes = figure.axes[0]
+    for model, line in zip(models, axes.lines):
+        rows = curves[curves["model_name"] == model]
+        assert list(rows["epoch"]) == [0, 1, 2, 3]
+        assert list(rows["n_runs"]) == [2, 2, 2, 2]
+        val_f1 = [run[0] for run in RESULTS[(model, BEST_LR[model])]]
+        for epoch, mean, std in rows[["epoch", "f1", "f1_std"]].itertuples(index=False):
+            assert mean == pytest.approx(statistics.mean(v * epoch / 3 for v in val_f1))
+            assert std == pytest.approx(statistics.stdev(v * epoch / 3 for v in val_f1))
+        np.testing.assert_allclose(line.get_ydata(), rows["f1"] * 100)
+        assert line.get_label() == f"{model} (n=2)"
+    assert len(axes.collections) == 3  # a ±std band per model
+
+    # per-class.png: the table written to per-class.csv, in percent.
+    per_class, figure = drawn["per_class_figure"]
+    pd.testing.assert_frame_equal(per_class, pd.read_csv(tmp_path / "results" / "per-class.csv"), check_dtype=False)
+    np.testing.assert_allclose(figure.axes[0].images[0].get_array(), per_class[CATEGORIES].to_numpy() * 100)
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == CATEGORIES
+
+    # best.png: bars from 0 on a 0-100 axis, each with its value, std and number of runs.
+    best, figure = drawn["best_figure"]
+    axes = figure.axes[0]
+    assert axes.get_xlim() == (0, 100)
+    assert [bar.get_x() for bar in axes.patches] == [0, 0, 0]
+    np.testing.assert_allclose([bar.get_width() for bar in axes.patches], best["f1"] * 100)
+    assert [t.get_text() for t in axes.texts] == ["97.00 ± 0.28  (n=2)", "95.90 ± 0.28  (n=2)", "95.50 ± 0.71  (n=2)"]
+    (error_bars,) = axes.containers[1:]
+    whiskers = error_bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([segment[:, 0] for segment in whiskers], [[96.72, 97.28], [95.62, 96.18], [94.79, 96.21]], atol=0.01)
+
+
+def test_a_single_run_has_no_band_and_no_error_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = spy_on_figures(monkeypatch)
+    make_run(tmp_path / "outputs", BERT, 3e-5, seed=1, scores=(0.6, 0.6348, 0.6, 0.6, 0.6348))
+    run_aggregate(tmp_path / "outputs", tmp_path / "results")
+    curves, figure = drawn["model_curves_figure"]
+    assert curves["f1_std"].isna().all() and not figure.axes[0].collections
+    _, figure = drawn["best_figure"]
+    axes = figure.axes[0]
+    # The reference's single model at 63.48 on a 0-100 axis, not a 62-65 one.
+    assert axes.get_xlim() == (0, 100)
+    assert [t.get_text() for t in axes.texts] == ["63.48  (n=1)"]
+    (error_bars,) = axes.containers[1:]
+    assert not error_bars.lines[2][0].get_segments()
+
+
+def test_runs_without_figure_files_are_left_out_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs, results_dir = tmp_path / "outputs", tmp_path / "results"
+    old = make_run(outputs, BERT, 3e-5, seed=1)
+    new = make_run(outputs, BERT, 3e-5, seed=2)
+    (old / "test-per-class.csv").unlink()  # made before train.py wrote the per-class report
+    (new / "log.csv").write_text("epoch,loss\n0,1.0\n", encoding="utf-8")
+    run_aggregate(outputs, results_dir)
+    _, err = capsys.readouterr()
+    assert err.splitlines() == [
+        f"left out of per-class.csv: {old / 'test-per-class.csv'} is missing",
+        f"left out of curves.png: {new / 'log.csv'}: missing column(s) f1",
+    ]
+    assert pd.read_csv(results_dir / "per-class.csv")["n_runs"].tolist() == [1]
+
+    (new / "test-per-class.csv").unlink()
+    (old / "log.csv").unlink()
+    shutil.rmtree(results_dir)
+    run_aggregate(outputs, results_dir)
+    out, _ = capsys.readouterr()
+    assert "no readable log.csv in the best settings' runs: curves.png not written" in out
+    assert "no readable test-per-class.csv in the best settings' runs: per-class.csv and per-class.png not written" in out
+    assert sorted(p.name for p in results_dir.iterdir()) == ["all.csv", "best.csv", "best.md", "best.png"]
 
 
 def test_unfinished_and_corrupt_runs_are_skipped_and_reported(results: tuple) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-STAGES = ["prepare", "train", "aggregate", "sweep", "predict"]
-REQUIRED = {"predict": ["--model_dir", "some/model"]}  # the flags a stage needs to parse
+STAGES = ["prepare", "train", "aggregate", "sweep", "predict", "plot"]
+REQUIRED = {"predict": ["--model_dir", "some/model"], "plot": ["--run_dirs", "some/run"]}  # the flags a stage needs to parse
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = {
     "config.json", "log.csv", "val-metrics.json", "test-metrics.json",
     "test-predictions.jsonl", "test-per-class.csv", "test-confusion-matrix.csv", "model",
+    "curves.png", "test-confusion-matrix.png",
 }  # fmt: skip
 
 

@@ -1,0 +1,161 @@
+"""plot.py: a run's figures, the data they draw (read back from the figure, not its pixels), redraw and failures."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import plot
+from conftest import assert_png
+import train
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ["dokujo-tsushin", "it-life-hack", "kaden-channel", "livedoor-homme", "movie-enter", "peachy", "smax", "sports-watch", "topic-news"]
+
+
+def copy_run(run_dir: Path, destination: Path) -> Path:
+    """A run folder as copied from a cluster: its files, no saved model, no figures."""
+    shutil.copytree(run_dir, destination, ignore=shutil.ignore_patterns("model", "*.png"))
+    return destination
+
+
+# --- the figures of a finished run ----------------------------------------------------------
+
+
+def test_a_finished_run_has_its_figures(finished_run: Path) -> None:
+    assert_png(finished_run / "curves.png", min_size=(1200, 500))
+    assert_png(finished_run / "test-confusion-matrix.png", min_size=(900, 900))
+    assert not list(finished_run.glob(".*"))  # no temporary file left behind
+
+
+def test_curves_draw_the_log(finished_run: Path) -> None:
+    log = pd.read_csv(finished_run / "log.csv")
+    best_epoch = utils.load_json(finished_run / "val-metrics.json")["best-epoch"]
+    figure = plot.run_figures(finished_run)["curves.png"]
+    loss_axes, score_axes = figure.axes
+    train_loss, val_loss, kept = loss_axes.lines
+    np.testing.assert_array_equal(train_loss.get_xdata(), log["epoch"])
+    np.testing.assert_array_equal(train_loss.get_ydata(), log["train_loss"])  # NaN at epoch 0: no point drawn
+    assert np.isnan(train_loss.get_ydata()[0])
+    np.testing.assert_array_equal(val_loss.get_ydata(), log["loss"])
+    accuracy, f1, kept_right = score_axes.lines
+    np.testing.assert_allclose(accuracy.get_ydata(), log["accuracy"] * 100)
+    np.testing.assert_allclose(f1.get_ydata(), log["f1"] * 100)
+    for line in (kept, kept_right):
+        assert list(line.get_xdata()) == [best_epoch, best_epoch]
+        assert line.get_label() == f"kept epoch ({best_epoch})"
+    config = utils.load_json(finished_run / "config.json")
+    title = figure.get_suptitle()
+    assert title.splitlines()[0] == ".../models0/tiny-bert"  # a local folder: its last parts only
+    assert f"lr {config['lr']:g}, seed {config['seed']}, dataset .../" in title
+
+
+def test_confusion_heatmap_draws_the_matrix_in_percent_of_the_true_category(finished_run: Path) -> None:
+    counts = pd.read_csv(finished_run / "test-confusion-matrix.csv", index_col=0)
+    figure = plot.run_figures(finished_run)["test-confusion-matrix.png"]
+    axes = figure.axes[0]
+    drawn = np.asarray(axes.images[0].get_array())
+    expected = counts.to_numpy() / counts.to_numpy().sum(axis=1, keepdims=True) * 100
+    np.testing.assert_allclose(drawn, expected)
+    assert axes.images[0].get_clim() == (0, 100)
+    # The counts are written in the cells, row by row, with the percent of the non-zero ones.
+    texts = [t.get_text() for t in axes.texts]
+    assert [int(t.split("\n")[0]) for t in texts] == counts.to_numpy().ravel().tolist()
+    assert texts[0] == f"{counts.iat[0, 0]}\n{expected[0, 0]:.0f}%"
+    assert [t.get_text() for t in axes.get_xticklabels()] == CATEGORIES
+    assert [t.get_text() for t in axes.get_yticklabels()] == CATEGORIES
+    assert f"({counts.to_numpy().sum()} examples)" in figure.get_suptitle()
+
+
+def test_class_percent_leaves_an_absent_category_at_zero() -> None:
+    counts = pd.DataFrame([[3, 1], [0, 0]], index=["a", "b"], columns=["a", "b"])
+    np.testing.assert_allclose(plot.class_percent(counts).to_numpy(), [[75, 25], [0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("name", "short"),
+    [
+        ("cl-tohoku/bert-base-japanese-v3", "cl-tohoku/bert-base-japanese-v3"),
+        ("xlm-roberta-large", "xlm-roberta-large"),
+        ("/home/me/models/my-bert", ".../models/my-bert"),
+        ("datasets/livedoor/folds/3", ".../folds/3"),
+    ],
+)
+def test_short_name(name: str, short: str) -> None:
+    assert plot.short_name(name) == short
+
+
+# --- a plotting failure never loses a run ----------------------------------------------------
+
+
+def test_a_plotting_failure_does_not_lose_the_run(
+    make_train_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(run_dir: Path) -> list[Path]:
+        raise RuntimeError("no font\nsecond line of a long message")
+
+    monkeypatch.setattr(plot, "draw_run", broken)
+    run_dir = train.main(make_train_args(tmp_path, "--epochs", "1", "--num_warmup_epochs", "0"))
+    assert set(utils.load_json(run_dir / "test-metrics.json")) == {"loss", "accuracy", "precision", "recall", "f1"}
+    assert not list(run_dir.glob("*.png"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [
+        f"warning: figures not drawn (RuntimeError: no font); redraw them with python src/plot.py --run_dirs {run_dir}"
+    ]
+
+
+# --- redrawing from files alone --------------------------------------------------------------
+
+
+def test_redraw_a_copied_run_from_its_files(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    copy = copy_run(finished_run, tmp_path / "from-the-cluster")
+    assert not list(copy.glob("*.png"))
+    plot.main(plot.Args().parse_args(["--run_dirs", str(copy)]))
+    assert capsys.readouterr().out == f"wrote {copy / 'curves.png'}, {copy / 'test-confusion-matrix.png'}\n"
+    for name in plot.RUN_FIGURES:
+        # The same files give the same figure as the one train.py drew.
+        assert (copy / name).read_bytes() == (finished_run / name).read_bytes(), name
+
+
+def test_redraw_command_reports_each_broken_run_and_fails(finished_run: Path, tmp_path: Path) -> None:
+    good = copy_run(finished_run, tmp_path / "good")
+    no_log = copy_run(finished_run, tmp_path / "no-log")
+    (no_log / "log.csv").unlink()
+    unfinished = copy_run(finished_run, tmp_path / "unfinished")
+    (unfinished / "test-confusion-matrix.csv").unlink()
+    command = [sys.executable, "src/plot.py", "--run_dirs", str(good), str(no_log), str(unfinished)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"skipped {no_log}: {no_log / 'log.csv'} is missing",
+        f"skipped {unfinished}: {unfinished / 'test-confusion-matrix.csv'} is missing",
+        "error: 2 of 3 run folders could not be drawn (reasons above)",
+    ]
+    assert result.stdout == f"wrote {good / 'curves.png'}, {good / 'test-confusion-matrix.png'}\n"
+    assert_png(good / "curves.png")
+    assert not list(no_log.glob("*.png")) and not list(unfinished.glob("*.png"))  # all or nothing per run
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        ("log.csv", "epoch,f1\n0,0.1\n", "log.csv: missing column(s) train_loss, loss, accuracy"),
+        ("log.csv", "epoch,train_loss,loss,accuracy,f1\n0,,x,0.1,0.1\n", "log.csv: column loss holds something other than numbers"),
+        ("test-confusion-matrix.csv", "true \\ predicted,a,b\na,1,0\n", "test-confusion-matrix.csv: expected a square table of counts"),
+        ("test-confusion-matrix.csv", "true \\ predicted,a\na,1.5\n", "test-confusion-matrix.csv: expected a square table of counts"),
+    ],
+)
+def test_a_broken_run_file_is_named(finished_run: Path, tmp_path: Path, name: str, text: str, reason: str) -> None:
+    copy = copy_run(finished_run, tmp_path / "run")
+    (copy / name).write_text(text, encoding="utf-8")
+    with pytest.raises(utils.InputError, match="^" + re.escape(f"{copy}/{reason}")):
+        plot.draw_run(copy)
+
