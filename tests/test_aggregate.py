@@ -396,6 +396,10 @@ def test_unknown_argument_splits_settings_and_single_runs_have_no_std(
     assert "±" not in table
     assert f"| [{BERT}](https://huggingface.co/{BERT}) | 111 M | 96.00 | 96.00 | 96.00 | **96.00** | 1 |" in table
     assert f"| {LOCAL} | 1.2 M | 91.00 | 91.00 | 91.00 | 91.00 | 1 |" in table
+    # The figures find the runs of each best setting, also where a setting field is missing (NaN).
+    per_class = pd.read_csv(tmp_path / "results" / "per-class.csv")
+    assert list(per_class["model_name"]) == [BERT, LOCAL] and list(per_class["n_runs"]) == [1, 1]
+    assert per_class.loc[1, CATEGORIES[0]] == pytest.approx(0.91 + CATEGORY_OFFSETS[0])
 
 
 def test_no_finished_run_is_an_error(tmp_path: Path) -> None:
