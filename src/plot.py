@@ -79,11 +79,11 @@ def short_name(name: str, keep: int = 2) -> str:
 
 
 def run_title(config: dict[str, Any]) -> str:
-    """Two title lines naming what a run was: model; lr, seed and dataset."""
-    return (
-        f"{short_name(str(config.get('model_name', '?')))}\n"
-        f"lr {config.get('lr', '?'):g}, seed {config.get('seed', '?')}, dataset {short_name(str(config.get('dataset_dir', '?')))}"
-    )
+    """Two title lines naming what a run was: model; lr, seed and dataset (a field an old run lacks shows as ?)."""
+    lr = config.get("lr")
+    lr_text = f"{lr:g}" if isinstance(lr, (int, float)) else "?"
+    dataset = short_name(str(config.get("dataset_dir", "?")), keep=3)  # .../livedoor/folds/3
+    return f"{short_name(str(config.get('model_name', '?')))}\nlr {lr_text}, seed {config.get('seed', '?')}, dataset {dataset}"
 
 
 # --- figures ----------------------------------------------------------------------------------

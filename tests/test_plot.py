@@ -80,6 +80,12 @@ def test_class_percent_leaves_an_absent_category_at_zero() -> None:
     np.testing.assert_allclose(plot.class_percent(counts).to_numpy(), [[75, 25], [0, 0]])
 
 
+def test_run_title_names_model_lr_seed_and_dataset() -> None:
+    config = {"model_name": "cl-tohoku/bert-base-japanese-v3", "lr": 3e-5, "seed": 1, "dataset_dir": "datasets/livedoor/folds/3"}
+    assert plot.run_title(config) == "cl-tohoku/bert-base-japanese-v3\nlr 3e-05, seed 1, dataset .../livedoor/folds/3"
+    assert plot.run_title({"model_name": "x"}) == "x\nlr ?, seed ?, dataset ?"  # an old or hand-written config
+
+
 @pytest.mark.parametrize(
     ("name", "short"),
     [
