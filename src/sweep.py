@@ -31,22 +31,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import submitit
 from submitit.core.utils import pickle_load
-
 from tap import Tap
 
 import aggregate
 import train
 import utils
+from launch import TRAIN_PY, Launch, Slot, SlurmRun, command_line, run_logged, thread_slot, train_command
 from utils import InputError
-
-TRAIN_PY = Path(__file__).resolve().with_name("train.py")
 
 # The models of the reference's results table, in its order.
 REFERENCE_MODELS = [
@@ -228,17 +226,6 @@ def combination_configs(
     ]
 
 
-def command_line(command: Sequence[str]) -> str:
-    """A run's command, to copy and run by hand (from the current folder)."""
-    shown = []
-    for token in command:
-        try:
-            shown.append(str(Path(token).relative_to(Path.cwd())) if Path(token).is_absolute() else token)
-        except ValueError:
-            shown.append(token)
-    return shlex.join(shown)
-
-
 def describe_exit(code: int) -> str:
     if code < 0:  # killed by a signal, e.g. SIGKILL from the out-of-memory killer
         try:
@@ -260,45 +247,7 @@ def sbatch_options(options: Sequence[str]) -> dict[str, str | bool]:
     return parsed
 
 
-# --- how a run is started: shared by the local runner and the Slurm array tasks ---------------
-
-
-@dataclass
-class Launch:
-    """One train.py run as the sweep starts it: its combination, train.py arguments, processes and log file."""
-
-    combination: Combination
-    argv: list[str]
-    nproc: int
-    log_path: Path
-
-
-@dataclass
-class Slot:
-    """Where a run executes: environment variables (GPUs, threads) and train.py options for its share of the machine."""
-
-    env: dict[str, str] = field(default_factory=dict)
-    train_argv: list[str] = field(default_factory=list)
-    label: str = "cpu"
-
-
-def train_command(argv: Sequence[str], nproc: int, python: str = sys.executable, script: Path = TRAIN_PY) -> list[str]:
-    """train.py in a new Python process, or under torchrun (one process per GPU) when nproc > 1."""
-    if nproc == 1:
-        return [python, str(script), *argv]
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script), *argv]
-
-
-def thread_slot(cores: int, runs_at_once: int, nproc: int, forwarded: Sequence[str]) -> Slot:
-    """An equal share of `cores` for one run: its math threads per process and its tokeniser workers.
-
-    Without it, every run would start one thread per core of the machine and N runs would fight
-    over the cores. A --num_workers that the user forwarded wins.
-    """
-    per_process = max(1, cores // (runs_at_once * nproc))
-    env = {name: str(per_process) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    train_argv = [] if "--num_workers" in forwarded else ["--num_workers", str(per_process)]
-    return Slot(env=env, train_argv=train_argv, label=f"{per_process} thread(s) per process")
+# --- where runs execute on this machine -----------------------------------------------------------
 
 
 def gpu_slots(visible: Sequence[str], jobs: int, gpus_per_run: int, thread_share: Slot) -> list[Slot]:
@@ -337,17 +286,8 @@ def local_slots(args: Args, device: str, device_count: int, cores: int, environ:
     return gpu_slots(visible_gpus(environ, device_count), args.jobs, args.gpus_per_run, share)
 
 
-def run_logged(launch: Launch, slot: Slot) -> int:
-    """Run train.py (or torchrun) for `launch` in `slot`, its output appended to its log file; the exit code."""
-    command = train_command([*launch.argv, *slot.train_argv], launch.nproc)
-    launch.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with launch.log_path.open("a", encoding="utf-8") as log:
-        log.write(f"# {datetime.now().isoformat(timespec='seconds')} {slot.label}: {command_line(command)}\n")
-        log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **slot.env}, check=False).returncode
-
-
 Runner = Callable[[Launch, Slot], int]  # a run in its slot -> exit code (0: success)
+
 
 
 # --- progress and failures ----------------------------------------------------------------------
@@ -412,7 +352,7 @@ class RunsFailed(InputError):
     def __init__(self, failures: list[Failure], total: int) -> None:
         lines = [f"{len(failures)} of {total} runs failed; run the same sweep command again to retry them (finished runs are skipped):"]
         for failure in failures:
-            lines.append(f"  {failure.launch.combination}: {failure.reason}")
+            lines.append(f"  {failure.launch.title}: {failure.reason}")
             lines.append(f"    log: {failure.launch.log_path}")
             lines.append(f"    {command_line(train_command(failure.launch.argv, failure.launch.nproc))}")
         super().__init__("\n".join(lines))
@@ -457,7 +397,7 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
                 launch, code = launches[index], future.result()
                 seconds = time.monotonic() - started[index]
                 status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
-                progress.ended(f"[{index + 1}/{len(launches)}] {status} in {format_seconds(seconds)}: {launch.combination}  (log: {launch.log_path})", code == 0)
+                progress.ended(f"[{index + 1}/{len(launches)}] {status} in {format_seconds(seconds)}: {launch.title}  (log: {launch.log_path})", code == 0)
                 if code != 0:
                     failures.append(Failure(launch, describe_exit(code)))
             progress.show()
@@ -469,22 +409,6 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
 
 
 # --- the Slurm launcher (submitit) ---------------------------------------------------------------
-
-
-class SlurmRun(submitit.helpers.Checkpointable):
-    """One task of the job array: train.py (or torchrun) as a subprocess, as the local runner starts it.
-
-    Checkpointable: when Slurm preempts the task, submitit requeues it and the run starts again
-    (an unfinished run folder is ignored by the sweep and by aggregate.py). A task stopped by its
-    time limit is not requeued: it would only run out of time again.
-    """
-
-    def __call__(self, launch: Launch) -> int:
-        # Slurm sets CUDA_VISIBLE_DEVICES to the task's GPUs; the task's CPUs are shared by its processes.
-        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
-        slot = thread_slot(cpus, 1, launch.nproc, launch.argv)
-        slot.label = f"Slurm job {os.environ.get('SLURM_JOB_ID')}, {slot.label}"
-        return run_logged(launch, slot)
 
 
 def slurm_parameters(args: Args, gpus: bool, src_dir: Path = TRAIN_PY.parent) -> dict[str, Any]:
@@ -513,21 +437,16 @@ ACTIVE_SLURM_STATES = frozenset(
 )
 
 
-def array_task_states(array_job_id: str) -> dict[int, str] | None:
-    """State of each task of the array still known to Slurm (squeue), or None if squeue did not answer.
+def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """State of each job or array task (JOBID or JOBID_TASK) still known to Slurm, or None if squeue did not answer.
 
     squeue, not sacct: it needs no accounting database, which small clusters often lack.
     """
-    result = subprocess.run(["squeue", "-h", "-r", "-j", array_job_id, "-o", "%i %T"], capture_output=True, text=True, check=False)
+    base_ids = sorted({job_id.split("_")[0] for job_id in job_ids})
+    result = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", "%i %T"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        return {} if "Invalid job id" in result.stderr else None  # a finished array is forgotten after MinJobAge
-    states = {}
-    for line in result.stdout.splitlines():
-        job, _, state = line.partition(" ")
-        _, _, task = job.partition("_")
-        if task.isdigit():
-            states[int(task)] = state.strip()
-    return states
+        return {} if "Invalid job id" in result.stderr else None  # a finished job is forgotten after MinJobAge
+    return dict(line.split(maxsplit=1) for line in result.stdout.splitlines() if " " in line)
 
 
 def task_outcome(job: submitit.Job, launch: Launch) -> Failure | None:
@@ -543,23 +462,22 @@ def task_outcome(job: submitit.Job, launch: Launch) -> Failure | None:
 
 def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progress, poll_s: float = 5.0) -> list[Failure]:
     """Wait until every task of the array has left Slurm's queue; return the failures."""
-    array_job_id = jobs[0].job_id.split("_")[0]
     pending = set(range(len(jobs)))
     failures: list[Failure] = []
     try:
         while pending:
-            states = array_task_states(array_job_id)  # before the result files: a task writes its result, then leaves
+            states = queue_states([jobs[i].job_id for i in pending])  # before the result files: a task writes its result, then leaves
             if states is not None:
                 for index in sorted(pending):
-                    if not jobs[index].paths.result_pickle.exists() and states.get(index) in ACTIVE_SLURM_STATES:
+                    if not jobs[index].paths.result_pickle.exists() and states.get(jobs[index].job_id) in ACTIVE_SLURM_STATES:
                         continue
                     pending.discard(index)
                     failure = task_outcome(jobs[index], launches[index])
                     status = "done" if failure is None else f"FAILED ({failure.reason})"
-                    progress.ended(f"[{index + 1}/{len(jobs)}] {status}: {launches[index].combination}  (log: {launches[index].log_path})", failure is None)
+                    progress.ended(f"[{index + 1}/{len(jobs)}] {status}: {launches[index].title}  (log: {launches[index].log_path})", failure is None)
                     if failure is not None:
                         failures.append(failure)
-                progress.running = sum(states.get(i) == "RUNNING" for i in pending)
+                progress.running = sum(states.get(jobs[i].job_id) == "RUNNING" for i in pending)
             progress.show()
             if pending:
                 time.sleep(poll_s)
@@ -614,10 +532,10 @@ def main(args: Args, run: Runner = run_logged) -> None:
 
     # Each run's output goes to its own log file, in a folder per sweep invocation.
     log_dir = args.output_root / "sweep-logs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    launches = [Launch(c, c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i)) for i, c in enumerate(todo, start=1)]
+    launches = [Launch(str(c), c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i)) for i, c in enumerate(todo, start=1)]
     for i, launch in enumerate(launches, start=1):
         if args.dry_run:
-            print(f"[{i}/{len(launches)}] {launch.combination}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
+            print(f"[{i}/{len(launches)}] {launch.title}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
     if args.dry_run:
         return
 
