@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import submitit
+import torch
 from submitit.core.utils import pickle_load
 from tap import Tap
 
@@ -100,7 +101,7 @@ class Args(Tap):
     slurm_partition: str | None = None  # Slurm partition of the array (default: the cluster's default partition)
     slurm_time: int = 1440  # Slurm time limit of each run, in minutes; a run stopped by it is not requeued (a preempted one is)
     slurm_cpus_per_run: int | None = None  # CPUs that Slurm gives each run (default: the cluster's default); train.py's threads and tokeniser workers use them
-    slurm_array_parallelism: int = 256  # at most this many runs of the array at once (Slurm's %N array limit)
+    slurm_array_parallelism: int = 256  # at most this many runs of the array at once (the %%M of Slurm's --array=0-N%%M)
     slurm_option: list[str] = []  # any other sbatch option as KEY=VALUE (or KEY for a flag), repeatable: --slurm_option account=abc --slurm_option qos=high
     no_wait: bool = False  # with --launcher slurm: submit, print the job id and return (rerun the same command later to aggregate)
 
@@ -287,7 +288,6 @@ def local_slots(args: Args, device: str, device_count: int, cores: int, environ:
 
 
 Runner = Callable[[Launch, Slot], int]  # a run in its slot -> exit code (0: success)
-
 
 
 # --- progress and failures ----------------------------------------------------------------------
@@ -486,11 +486,24 @@ def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progr
     return failures
 
 
-def submit_slurm(args: Args, launches: list[Launch], folder: Path, gpus: bool) -> list[submitit.Job]:
-    """The runs as one Slurm job array (submitit's map_array); its files (sbatch script, Slurm logs) go to `folder`."""
+def run_slurm(args: Args, launches: list[Launch], folder: Path, gpus: bool, progress: Progress) -> list[Failure] | None:
+    """Submit the runs as one Slurm job array (submitit's map_array) and wait for it; return the failures
+    (None with --no_wait). The sbatch script and the Slurm logs go to `folder`."""
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)  # 0: a time-out is not requeued, a preemption is
     executor.update_parameters(**slurm_parameters(args, gpus))
-    return executor.map_array(SlurmRun(), launches)
+    print(f"sweep: submitting {len(launches)} runs as a Slurm job array ({args.gpus_per_run if gpus else 0} GPU(s) per run)", flush=True)
+    jobs = executor.map_array(SlurmRun(), launches)
+    array_job_id = jobs[0].job_id.split("_")[0]
+    print(f"sweep: Slurm job array {array_job_id} ({len(jobs)} tasks, at most {args.slurm_array_parallelism} at once)", flush=True)
+    if args.no_wait:
+        print(
+            f"sweep: not waiting (--no_wait). Follow it with `squeue -j {array_job_id}`; once it has left the queue, run this "
+            f"same command again: it submits only what did not finish, then aggregates (or run "
+            f"`python src/aggregate.py --input_dir {args.output_root} --output_dir {args.results_dir}`)",
+            flush=True,
+        )
+        return None
+    return wait_slurm(jobs, launches, progress)
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -532,37 +545,26 @@ def main(args: Args, run: Runner = run_logged) -> None:
 
     # Each run's output goes to its own log file, in a folder per sweep invocation.
     log_dir = args.output_root / "sweep-logs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    launches = [Launch(str(c), c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i)) for i, c in enumerate(todo, start=1)]
-    for i, launch in enumerate(launches, start=1):
-        if args.dry_run:
-            print(f"[{i}/{len(launches)}] {launch.title}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
+    launches = [
+        Launch(str(c), c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i))
+        for i, c in enumerate(todo, start=1)
+    ]
     if args.dry_run:
+        for i, launch in enumerate(launches, start=1):
+            print(f"[{i}/{len(launches)}] {launch.title}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
         return
 
-    import torch  # already imported by train; asked here, not at parse time
-
     device = configs[0]["device"]
-    device_count = torch.cuda.device_count()
     progress = Progress(len(launches))
     if not launches:
-        failures = []
+        failures: list[Failure] | None = []
     elif args.launcher == "slurm":
-        gpus = wants_gpus(device)  # the submitting machine may have no GPU: --device says what the runs need
-        print(f"sweep: submitting {len(launches)} runs as a Slurm job array ({args.gpus_per_run if gpus else 0} GPU(s) per run); logs in {log_dir}", flush=True)
-        jobs = submit_slurm(args, launches, log_dir / "slurm", gpus)
-        array_job_id = jobs[0].job_id.split("_")[0]
-        print(f"sweep: Slurm job array {array_job_id} ({len(jobs)} tasks, at most {args.slurm_array_parallelism} at once)", flush=True)
-        if args.no_wait:
-            print(
-                f"sweep: not waiting (--no_wait). Follow it with `squeue -j {array_job_id}`; once it has left the queue, run this "
-                f"same command again: it submits only what did not finish, then aggregates (or run "
-                f"`python src/aggregate.py --input_dir {args.output_root} --output_dir {args.results_dir}`)",
-                flush=True,
-            )
+        # The submitting machine may have no GPU: --device says what the runs need.
+        failures = run_slurm(args, launches, log_dir / "slurm", wants_gpus(device), progress)
+        if failures is None:  # --no_wait
             return
-        failures = wait_slurm(jobs, launches, progress)
     else:
-        slots = local_slots(args, device, device_count, len(os.sched_getaffinity(0)), os.environ)
+        slots = local_slots(args, device, torch.cuda.device_count(), len(os.sched_getaffinity(0)), os.environ)
         print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
         failures = run_local(launches, slots, run, progress)
 
