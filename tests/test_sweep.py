@@ -442,3 +442,10 @@ def test_bad_launcher_arguments_are_refused(argv: list[str], error: str, capsys)
         sweep.Args().parse_args(argv)
     assert e.value.code == 2
     assert error in capsys.readouterr().err
+
+
+def test_config_records_the_slurm_job_of_a_run() -> None:
+    assert train.slurm_ids({"HOME": "/root"}) is None  # not under Slurm
+    assert train.slurm_ids({"SLURM_JOB_ID": "12"}) == {"job_id": "12"}
+    task = {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}
+    assert train.slurm_ids(task) == {"job_id": "15", "array_job_id": "12", "array_task_id": "3"}
