@@ -148,14 +148,24 @@ def run_row(
     }
 
 
+def world_size_of(config: dict[str, Any]) -> Any:
+    """The run's process count: config.json's world_size; runs of an older train.py kept it only
+    under environment (and a config with neither ran alone)."""
+    if "world_size" in config:
+        return config["world_size"]
+    environment = config.get("environment")
+    return environment.get("world_size", 1) if isinstance(environment, dict) else 1
+
+
 def setting_of(config: dict[str, Any], ignored: frozenset[str] = NOT_SETTING_FIELDS) -> dict[str, Any]:
     """The hyperparameters that define what a run learned: every field not in `ignored`.
 
-    A list (e.g. text_fields) becomes its JSON text, so that it can be compared and grouped.
+    The process count (world_size) is one: it multiplies the effective batch. A list (e.g.
+    text_fields) becomes its JSON text, so that it can be compared and grouped.
     """
     return {
         key: utils.to_json(value) if isinstance(value, (list, dict)) else value
-        for key, value in config.items()
+        for key, value in {**config, "world_size": world_size_of(config)}.items()
         if key not in ignored
     }
 

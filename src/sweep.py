@@ -3,37 +3,49 @@
     poetry run python src/sweep.py                          # the reference's table: 17 models x 3 lrs
     poetry run python src/sweep.py --models cl-tohoku/bert-base-japanese-v3 --lrs 3e-5 \
         --seeds 1 2 3 --dataset_dirs datasets/livedoor/folds/{0..9} --epochs 10
+    poetry run python src/sweep.py ... --jobs 4             # 4 runs at once, one GPU each
+    poetry run python src/sweep.py ... --launcher slurm --slurm_partition gpu   # a Slurm job array
     poetry run python src/sweep.py ... --dry_run            # print the plan only
 
 Every other option (--epochs 10 above) goes to every train.py run unchanged. Each run is a fresh
-train.py process, so a crash, an out-of-memory error or a CUDA error ends that run only, and the
-GPU memory is freed before the next one. A combination that already has a finished run under
-OUTPUT_ROOT with the same settings is skipped: after an interruption or a failure, run the same
-command again. At the end, aggregate.py writes RESULTS_DIR from every finished run under
-OUTPUT_ROOT; if any run failed, the failures are listed and the exit code is 1.
+train.py process (torchrun with --gpus_per_run above 1), so a crash, an out-of-memory error or a
+CUDA error ends that run only. Its output goes to its own log file,
+OUTPUT_ROOT/sweep-logs/<YYYY-MM-DD_HH-MM-SS>/<run>.log; the terminal shows one progress line.
+A combination that already has a finished run under OUTPUT_ROOT with the same settings (the
+process count included) is skipped: after an interruption, a failure or a cancelled Slurm array,
+run the same command again. At the end, aggregate.py writes RESULTS_DIR from every finished run
+under OUTPUT_ROOT; if any run failed, the failures are listed with their logs and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import queue
+import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TextIO
 
+import submitit
+import torch
+from submitit.core.utils import pickle_load
 from tap import Tap
 
 import aggregate
 import train
 import utils
+from launch import TRAIN_PY, Launch, Slot, SlurmRun, command_line, run_logged, thread_slot, train_command
 from utils import InputError
-
-TRAIN_PY = Path(__file__).resolve().with_name("train.py")
 
 # The models of the reference's results table, in its order.
 REFERENCE_MODELS = [
@@ -83,11 +95,24 @@ class Args(Tap):
     output_root: Path = Path("outputs")  # train.py writes runs here; finished runs found here are skipped
     results_dir: Path = Path("results")  # aggregate.py writes all.csv, best.csv, best.md and best.png here
     dry_run: bool = False  # print the plan (and each train.py command) and exit without running anything
+    jobs: int = 1  # train.py runs at once on this machine: each gets its own GPU(s) through CUDA_VISIBLE_DEVICES, or on CPU an equal share of the cores
+    gpus_per_run: int = 1  # processes of each run, one GPU each; above 1 the run is launched with torchrun --nproc_per_node (on CPU: that many gloo processes). The process count is part of a run's setting
+    launcher: Literal["local", "slurm"] = "local"  # local: run here (--jobs at once); slurm: submit a Slurm job array through submitit and wait for it
+    slurm_partition: str | None = None  # Slurm partition of the array (default: the cluster's default partition)
+    slurm_time: int = 1440  # Slurm time limit of each run, in minutes; a run stopped by it is not requeued (a preempted one is)
+    slurm_cpus_per_run: int | None = None  # CPUs that Slurm gives each run (default: the cluster's default); train.py's threads and tokeniser workers use them
+    slurm_array_parallelism: int = 256  # at most this many runs of the array at once (the %%M of Slurm's --array=0-N%%M)
+    slurm_option: list[str] = []  # any other sbatch option as KEY=VALUE (or KEY for a flag), repeatable: --slurm_option account=abc --slurm_option qos=high
+    no_wait: bool = False  # with --launcher slurm: submit, print the job id and return (rerun the same command later to aggregate)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # No abbreviations: `--lr 1e-5` must not silently mean `--lrs 1e-5`, nor `--seed` `--seeds`.
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def configure(self) -> None:
+        # Repeatable: each --slurm_option adds to the list (and one may take several KEY=VALUEs).
+        self.add_argument("--slurm_option", action="extend", nargs="+")
 
     def parse_args(self, args: Sequence[str] | None = None, known_only: bool = True, **kwargs: Any) -> Args:
         """Parse the sweep's own options; the others are kept in `extra_args`, for train.py."""
@@ -101,6 +126,22 @@ class Args(Tap):
             duplicates = sorted({str(v) for v in values if values.count(v) > 1})
             if duplicates:
                 self.error(f"--{name} lists {', '.join(duplicates)} more than once")
+        for name in ("jobs", "gpus_per_run", "slurm_time", "slurm_array_parallelism"):
+            if getattr(self, name) < 1:
+                self.error(f"--{name} must be at least 1")
+        if self.slurm_cpus_per_run is not None and self.slurm_cpus_per_run < 1:
+            self.error("--slurm_cpus_per_run must be at least 1")
+        if self.launcher == "local":
+            slurm_set = [f"--{name}" for name in ("slurm_partition", "slurm_cpus_per_run", "no_wait") if getattr(self, name)]
+            slurm_set += ["--slurm_option"] if self.slurm_option else []
+            if slurm_set:
+                self.error(f"{', '.join(slurm_set)} only apply with --launcher slurm")
+        elif self.jobs != 1:
+            self.error("--jobs is for --launcher local; with Slurm, --slurm_array_parallelism limits the runs at once")
+        try:
+            sbatch_options(self.slurm_option)
+        except ValueError as e:
+            self.error(str(e))
         check_forwarded(self.extra_args, self.error)
 
 
@@ -137,6 +178,12 @@ class Combination:
             "--dataset_dir", str(self.dataset_dir), "--output_root", str(output_root), *forwarded,
         ]  # fmt: skip
 
+    def log_name(self, index: int) -> str:
+        """A unique file name that tells the run: its number, model (as its run folders name it), lr, seed, dataset."""
+        model = train.run_dir_name(self.model_name, datetime.now()).parts[0]
+        name = f"{index:03d}_{model}_lr={self.lr:g}_seed={self.seed}_{'_'.join(self.dataset_dir.parts[-2:])}"
+        return re.sub(r"[^\w.=+-]+", "_", name) + ".log"
+
     def __str__(self) -> str:
         return f"{self.model_name} lr={self.lr:g} seed={self.seed} dataset={self.dataset_dir}"
 
@@ -161,26 +208,23 @@ def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
     return found
 
 
-def combination_configs(combinations: list[Combination], output_root: Path, forwarded: Sequence[str]) -> list[dict[str, Any]]:
-    """The config of each combination, as train.py would parse its arguments.
+def combination_configs(
+    combinations: list[Combination], output_root: Path, forwarded: Sequence[str], world_size: int = 1
+) -> list[dict[str, Any]]:
+    """The config of each combination, as train.py would parse its arguments and run it with
+    `world_size` processes.
 
     train.py's parser is built once (building it takes ~15 ms, and a full sweep has thousands of
     combinations); each combination then sets its own axes, with the types train.Args gives them.
     """
     base = train.args_to_json(train.Args().parse_args(combinations[0].train_argv(output_root, forwarded)))
     return [
-        {**base, "model_name": c.model_name, "lr": float(c.lr), "seed": int(c.seed), "dataset_dir": str(c.dataset_dir), "output_root": str(output_root)}
+        {
+            **base, "model_name": c.model_name, "lr": float(c.lr), "seed": int(c.seed), "dataset_dir": str(c.dataset_dir),
+            "output_root": str(output_root), "world_size": world_size,
+        }
         for c in combinations
     ]
-
-
-def command_line(argv: Sequence[str]) -> str:
-    """The train.py command of a run, to copy and run by hand (from the current folder)."""
-    try:
-        script = TRAIN_PY.relative_to(Path.cwd())
-    except ValueError:
-        script = TRAIN_PY
-    return shlex.join(["python", str(script), *argv])
 
 
 def describe_exit(code: int) -> str:
@@ -192,24 +236,61 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def run_subprocess(argv: list[str]) -> int:
-    """Run train.py with these arguments in a new Python process; return its exit code."""
-    return subprocess.run([sys.executable, str(TRAIN_PY), *argv], check=False).returncode
+def sbatch_options(options: Sequence[str]) -> dict[str, str | bool]:
+    """--slurm_option KEY=VALUE (or KEY alone, for a flag such as `requeue`) as submitit's additional_parameters."""
+    parsed: dict[str, str | bool] = {}
+    for option in options:
+        key, has_value, value = option.partition("=")
+        key = key.strip().removeprefix("--")
+        if not key or (has_value and not value):
+            raise ValueError(f"--slurm_option {option!r}: write KEY=VALUE (an sbatch option without its --), or KEY for a flag")
+        parsed[key] = value if has_value else True
+    return parsed
 
 
-Runner = Callable[[list[str]], int]  # train.py arguments -> exit code (0: success)
+# --- where runs execute on this machine -----------------------------------------------------------
 
 
-class RunsFailed(InputError):
-    """Some runs failed; the message lists them. The sweep still ran every other one and aggregated."""
+def gpu_slots(visible: Sequence[str], jobs: int, gpus_per_run: int, thread_share: Slot) -> list[Slot]:
+    """`jobs` disjoint groups of `gpus_per_run` GPUs, each run seeing only its own through CUDA_VISIBLE_DEVICES."""
+    if jobs * gpus_per_run > len(visible):
+        raise InputError(
+            f"--jobs {jobs} x --gpus_per_run {gpus_per_run} needs {jobs * gpus_per_run} GPUs, but this machine shows "
+            f"{len(visible)} ({','.join(visible) or 'none'}); lower --jobs"
+        )
+    groups = [list(visible[i * gpus_per_run : (i + 1) * gpus_per_run]) for i in range(jobs)]
+    return [
+        Slot(env={**thread_share.env, "CUDA_VISIBLE_DEVICES": ",".join(g)}, train_argv=thread_share.train_argv, label=f"GPU {','.join(g)}")
+        for g in groups
+    ]
 
-    def __init__(self, failures: list[tuple[Combination, list[str], int]], total: int) -> None:
-        lines = [f"{len(failures)} of {total} runs failed; run the same sweep command again to retry them (finished runs are skipped):"]
-        for combination, argv, code in failures:
-            lines.append(f"  {combination}: {describe_exit(code)}")
-            lines.append(f"    {command_line(argv)}")
-        super().__init__("\n".join(lines))
-        self.failures = failures
+
+def visible_gpus(environ: Mapping[str, str], device_count: int) -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set (ids or UUIDs), else all of them."""
+    if environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [gpu for gpu in environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+    return [str(i) for i in range(device_count)]
+
+
+def wants_gpus(device: str) -> bool:
+    """Whether train.py's --device asks for CUDA GPUs where there are some (auto or cuda)."""
+    return device == "auto" or device.startswith("cuda")
+
+
+def local_slots(args: Args, device: str, device_count: int, cores: int, environ: Mapping[str, str]) -> list[Slot]:
+    """One slot per run at once: its GPUs on CUDA, else its share of the CPU cores."""
+    share = thread_slot(cores, args.jobs, args.gpus_per_run, args.extra_args)
+    if device_count == 0 or not wants_gpus(device):
+        return [share] * args.jobs
+    if device not in ("auto", "cuda"):
+        raise InputError(f"--device {device}: the sweep gives each run its GPU(s) through CUDA_VISIBLE_DEVICES; use --device cuda (or auto)")
+    return gpu_slots(visible_gpus(environ, device_count), args.jobs, args.gpus_per_run, share)
+
+
+Runner = Callable[[Launch, Slot], int]  # a run in its slot -> exit code (0: success)
+
+
+# --- progress and failures ----------------------------------------------------------------------
 
 
 def format_seconds(seconds: float) -> str:
@@ -218,41 +299,218 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def main(args: Args, run: Runner = run_subprocess) -> None:
-    """Run the combinations not finished yet, one after another with `run`; then aggregate."""
-    missing = [d for d in args.dataset_dirs if not d.is_dir()]
-    if missing:
-        raise InputError(
-            f"dataset folder(s) not found: {', '.join(map(str, missing))}; run `poetry run python src/prepare.py` "
-            f"first (with --num_folds 10 for datasets/livedoor/folds/0..9)"
+def progress_line(total: int, done: int, failed: int, running: int, elapsed: float) -> str:
+    """The sweep's one status line; the ETA assumes the remaining runs take as long as the finished ones."""
+    finished = done + failed
+    eta = format_seconds(elapsed / finished * (total - finished)) if finished else "?"
+    return f"sweep: {done}/{total} done, {running} running, {failed} failed, {format_seconds(elapsed)} elapsed, ETA {eta}"
+
+
+class Progress:
+    """The progress line: rewritten in place on a terminal, else printed every `interval` seconds
+    and whenever a run ends. Messages (a run that ended) go on lines of their own above it."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, interval: float = 60.0) -> None:
+        self.total, self.done, self.failed, self.running = total, 0, 0, 0
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.interval = interval
+        self.start = self.last = time.monotonic()
+
+    def line(self) -> str:
+        return progress_line(self.total, self.done, self.failed, self.running, time.monotonic() - self.start)
+
+    def show(self, force: bool = False) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + self.line())
+        elif force or time.monotonic() - self.last >= self.interval:
+            self.stream.write(self.line() + "\n")
+            self.last = time.monotonic()
+        self.stream.flush()
+
+    def ended(self, message: str, ok: bool) -> None:
+        """A run ended: count it and say so."""
+        self.done, self.failed = self.done + ok, self.failed + (not ok)
+        self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
+        self.show(force=True)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+@dataclass
+class Failure:
+    launch: Launch
+    reason: str  # e.g. "exit code 1", "killed by SIGKILL", "cancelled by Slurm"
+
+
+class RunsFailed(InputError):
+    """Some runs failed; the message lists them. The sweep still ran every other one and aggregated."""
+
+    def __init__(self, failures: list[Failure], total: int) -> None:
+        lines = [f"{len(failures)} of {total} runs failed; run the same sweep command again to retry them (finished runs are skipped):"]
+        for failure in failures:
+            lines.append(f"  {failure.launch.title}: {failure.reason}")
+            lines.append(f"    log: {failure.launch.log_path}")
+            lines.append(f"    {command_line(train_command(failure.launch.argv, failure.launch.nproc))}")
+        super().__init__("\n".join(lines))
+        self.failures = failures
+
+
+# --- the local runner ----------------------------------------------------------------------------
+
+
+def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: Progress) -> list[Failure]:
+    """Run `launches` at most len(slots) at a time, each in a free slot; return the failures.
+
+    A thread per slot waits on its train.py process; this thread keeps the progress line.
+    """
+    free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
+    for slot in slots:
+        free.put(slot)
+    lock = threading.Lock()
+    started: dict[int, float] = {}
+
+    def work(index: int) -> int:
+        slot = free.get()  # never blocks: as many threads as slots
+        with lock:
+            started[index] = time.monotonic()
+            progress.running += 1
+        try:
+            return run(launches[index], slot)
+        finally:
+            with lock:
+                progress.running -= 1
+            free.put(slot)
+
+    failures: list[Failure] = []
+    pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="sweep-run")
+    try:
+        futures: dict[Future[int], int] = {pool.submit(work, i): i for i in range(len(launches))}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=1.0 if progress.tty else 5.0, return_when=FIRST_COMPLETED)
+            for future in sorted(finished, key=futures.__getitem__):
+                index = futures[future]
+                launch, code = launches[index], future.result()
+                seconds = time.monotonic() - started[index]
+                status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
+                progress.ended(f"[{index + 1}/{len(launches)}] {status} in {format_seconds(seconds)}: {launch.title}  (log: {launch.log_path})", code == 0)
+                if code != 0:
+                    failures.append(Failure(launch, describe_exit(code)))
+            progress.show()
+    finally:
+        # Ctrl-C or an error: start nothing more (the running train.py processes got the same Ctrl-C).
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    return failures
+
+
+# --- the Slurm launcher (submitit) ---------------------------------------------------------------
+
+
+def slurm_parameters(args: Args, gpus: bool, src_dir: Path = TRAIN_PY.parent) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters for the array: one task per run, its GPUs, time, partition and the rest."""
+    parameters: dict[str, Any] = {
+        "job_name": "sweep",
+        "time": args.slurm_time,
+        "array_parallelism": args.slurm_array_parallelism,
+        "ntasks_per_node": 1,
+        "stderr_to_stdout": True,
+        # The task unpickles SlurmRun, whose module imports train and utils from src/.
+        "setup": [f"export PYTHONPATH={shlex.quote(str(src_dir))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        "additional_parameters": sbatch_options(args.slurm_option),
+    }
+    if args.slurm_partition:
+        parameters["partition"] = args.slurm_partition
+    if args.slurm_cpus_per_run:
+        parameters["cpus_per_task"] = args.slurm_cpus_per_run
+    if gpus:
+        parameters["gpus_per_node"] = args.gpus_per_run
+    return parameters
+
+
+ACTIVE_SLURM_STATES = frozenset(
+    ["PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED"]
+)
+
+
+def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """State of each job or array task (JOBID or JOBID_TASK) still known to Slurm, or None if squeue did not answer.
+
+    squeue, not sacct: it needs no accounting database, which small clusters often lack.
+    """
+    base_ids = sorted({job_id.split("_")[0] for job_id in job_ids})
+    result = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", "%i %T"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return {} if "Invalid job id" in result.stderr else None  # a finished job is forgotten after MinJobAge
+    return dict(line.split(maxsplit=1) for line in result.stdout.splitlines() if " " in line)
+
+
+def task_outcome(job: submitit.Job, launch: Launch) -> Failure | None:
+    """The outcome of a task that left the queue: None when its run succeeded, else why it failed."""
+    if not job.paths.result_pickle.exists():
+        return Failure(launch, f"stopped by Slurm before it ended (cancelled, or the node failed); Slurm log: {job.paths.stdout}")
+    outcome, value = pickle_load(job.paths.result_pickle)
+    if outcome != "success":  # e.g. the time limit: submitit records the reason
+        reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
+        return Failure(launch, f"{reason}; Slurm log: {job.paths.stdout}")
+    return None if value == 0 else Failure(launch, describe_exit(value))
+
+
+def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progress, poll_s: float = 5.0) -> list[Failure]:
+    """Wait until every task of the array has left Slurm's queue; return the failures."""
+    pending = set(range(len(jobs)))
+    failures: list[Failure] = []
+    try:
+        while pending:
+            states = queue_states([jobs[i].job_id for i in pending])  # before the result files: a task writes its result, then leaves
+            if states is not None:
+                for index in sorted(pending):
+                    if not jobs[index].paths.result_pickle.exists() and states.get(jobs[index].job_id) in ACTIVE_SLURM_STATES:
+                        continue
+                    pending.discard(index)
+                    failure = task_outcome(jobs[index], launches[index])
+                    status = "done" if failure is None else f"FAILED ({failure.reason})"
+                    progress.ended(f"[{index + 1}/{len(jobs)}] {status}: {launches[index].title}  (log: {launches[index].log_path})", failure is None)
+                    if failure is not None:
+                        failures.append(failure)
+                progress.running = sum(states.get(jobs[i].job_id) == "RUNNING" for i in pending)
+            progress.show()
+            if pending:
+                time.sleep(poll_s)
+    finally:
+        progress.close()
+    return failures
+
+
+def run_slurm(args: Args, launches: list[Launch], folder: Path, gpus: bool, progress: Progress) -> list[Failure] | None:
+    """Submit the runs as one Slurm job array (submitit's map_array) and wait for it; return the failures
+    (None with --no_wait). The sbatch script and the Slurm logs go to `folder`."""
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)  # 0: a time-out is not requeued, a preemption is
+    executor.update_parameters(**slurm_parameters(args, gpus))
+    print(f"sweep: submitting {len(launches)} runs as a Slurm job array ({args.gpus_per_run if gpus else 0} GPU(s) per run)", flush=True)
+    jobs = executor.map_array(SlurmRun(), launches)
+    array_job_id = jobs[0].job_id.split("_")[0]
+    print(f"sweep: Slurm job array {array_job_id} ({len(jobs)} tasks, at most {args.slurm_array_parallelism} at once)", flush=True)
+    if args.no_wait:
+        print(
+            f"sweep: not waiting (--no_wait). Follow it with `squeue -j {array_job_id}`; once it has left the queue, run this "
+            f"same command again: it submits only what did not finish, then aggregates (or run "
+            f"`python src/aggregate.py --input_dir {args.output_root} --output_dir {args.results_dir}`)",
+            flush=True,
         )
+        return None
+    return wait_slurm(jobs, launches, progress)
 
-    combinations = [Combination(*c) for c in itertools.product(args.models, args.lrs, args.seeds, args.dataset_dirs)]
-    done = finished_settings(args.output_root)
-    configs = combination_configs(combinations, args.output_root, args.extra_args)
-    todo = [c for c, config in zip(combinations, configs) if setting_key(config) not in done]
-    shape = f"{len(args.models)} models x {len(args.lrs)} lrs x {len(args.seeds)} seeds x {len(args.dataset_dirs)} datasets"
-    print(
-        f"sweep: {len(combinations)} combinations ({shape}), {len(combinations) - len(todo)} already done, "
-        f"{len(todo)} to run; outputs in {args.output_root}",
-        flush=True,
-    )
 
-    failures: list[tuple[Combination, list[str], int]] = []
-    for i, combination in enumerate(todo, start=1):
-        argv = combination.train_argv(args.output_root, args.extra_args)
-        print(f"[{i}/{len(todo)}] {combination}\n  {command_line(argv)}", flush=True)
-        if args.dry_run:
-            continue
-        start = time.perf_counter()
-        code = run(argv)
-        status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
-        print(f"[{i}/{len(todo)}] {status} in {format_seconds(time.perf_counter() - start)}: {combination}", flush=True)
-        if code != 0:
-            failures.append((combination, argv, code))
-    if args.dry_run:
-        return
+# --- the sweep ------------------------------------------------------------------------------------
 
+
+def aggregate_and_report(args: Args, failures: list[Failure], total: int) -> None:
+    """aggregate.py over OUTPUT_ROOT; then, if any run failed, the list of failures (exit code 1)."""
     aggregate_args = aggregate.Args().parse_args(["--input_dir", str(args.output_root), "--output_dir", str(args.results_dir)])
     if not failures:
         aggregate.main(aggregate_args)
@@ -261,7 +519,56 @@ def main(args: Args, run: Runner = run_subprocess) -> None:
         aggregate.main(aggregate_args)
     except InputError as e:  # e.g. no finished run at all: still report the failures below
         print(f"aggregate: {e}", file=sys.stderr)
-    raise RunsFailed(failures, len(todo))
+    raise RunsFailed(failures, total)
+
+
+def main(args: Args, run: Runner = run_logged) -> None:
+    """Run (or submit) the combinations not finished yet, then aggregate."""
+    missing = [d for d in args.dataset_dirs if not d.is_dir()]
+    if missing:
+        raise InputError(
+            f"dataset folder(s) not found: {', '.join(map(str, missing))}; run `poetry run python src/prepare.py` "
+            f"first (with --num_folds 10 for datasets/livedoor/folds/0..9)"
+        )
+
+    # What is done: every combination whose setting (process count included) has a finished run.
+    combinations = [Combination(*c) for c in itertools.product(args.models, args.lrs, args.seeds, args.dataset_dirs)]
+    done = finished_settings(args.output_root)
+    configs = combination_configs(combinations, args.output_root, args.extra_args, world_size=args.gpus_per_run)
+    todo = [c for c, config in zip(combinations, configs) if setting_key(config) not in done]
+    shape = f"{len(args.models)} models x {len(args.lrs)} lrs x {len(args.seeds)} seeds x {len(args.dataset_dirs)} datasets"
+    print(
+        f"sweep: {len(combinations)} combinations ({shape}), {len(combinations) - len(todo)} already done, "
+        f"{len(todo)} to run; outputs in {args.output_root}",
+        flush=True,
+    )
+
+    # Each run's output goes to its own log file, in a folder per sweep invocation.
+    log_dir = args.output_root / "sweep-logs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    launches = [
+        Launch(str(c), c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i))
+        for i, c in enumerate(todo, start=1)
+    ]
+    if args.dry_run:
+        for i, launch in enumerate(launches, start=1):
+            print(f"[{i}/{len(launches)}] {launch.title}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
+        return
+
+    device = configs[0]["device"]
+    progress = Progress(len(launches))
+    if not launches:
+        failures: list[Failure] | None = []
+    elif args.launcher == "slurm":
+        # The submitting machine may have no GPU: --device says what the runs need.
+        failures = run_slurm(args, launches, log_dir / "slurm", wants_gpus(device), progress)
+        if failures is None:  # --no_wait
+            return
+    else:
+        slots = local_slots(args, device, torch.cuda.device_count(), len(os.sched_getaffinity(0)), os.environ)
+        print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
+        failures = run_local(launches, slots, run, progress)
+
+    aggregate_and_report(args, failures, len(launches))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
@@ -387,8 +387,20 @@ def args_to_json(args: Args) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, Path) else value for key, value in args.as_dict().items()}
 
 
+def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The Slurm job (and array task) that ran this process, or None outside Slurm."""
+    if "SLURM_JOB_ID" not in environ:
+        return None
+    names = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID"}
+    return {key: environ[name] for key, name in names.items() if name in environ}
+
+
 def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, device: torch.device, dtype: torch.dtype, world_size: int) -> dict:
-    """Every argument with its JSON type, plus what is needed to read the run later."""
+    """Every argument with its JSON type, plus what is needed to read the run later.
+
+    The process count is a setting, not an environment detail: it multiplies the effective batch
+    and divides the optimizer steps, so runs with different counts are different experiments.
+    """
     config = args_to_json(args)
     environment = {
         "device": str(device),
@@ -400,8 +412,9 @@ def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, devi
         "transformers": transformers.__version__,
         "git_commit": git_commit(),
         "started_at": datetime.now().isoformat(timespec="seconds"),
+        "slurm": slurm_ids(os.environ),
     }
-    return {**config, "num_params": num_params, "num_labels": num_labels, "run_dir": str(run_dir), "environment": environment}
+    return {**config, "world_size": world_size, "num_params": num_params, "num_labels": num_labels, "run_dir": str(run_dir), "environment": environment}
 
 
 def append_log(path: Path, row: dict) -> None:

@@ -451,3 +451,34 @@ def test_a_local_folder_named_like_a_hub_id_is_not_linked(tmp_path: Path, monkey
 )
 def test_format_params(num_params: int, text: str) -> None:
     assert aggregate.format_params(num_params) == text
+
+
+def test_process_count_splits_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4 processes of batch 16 are an effective batch of 64: not a repetition of the 1-process run."""
+    outputs = tmp_path / "outputs"
+    environment = {"torch": "2.9.0", "git_commit": "abc"}
+    # An older train.py: the process count only under environment.
+    make_run(outputs, BERT, 3e-5, seed=1, scores=(0.90, 0.90, 0.90, 0.90, 0.90), environment={**environment, "world_size": 1})
+    # The current train.py: a top-level world_size (1 here: the same setting as the run above).
+    make_run(outputs, BERT, 3e-5, seed=2, scores=(0.92, 0.92, 0.92, 0.92, 0.92), world_size=1, environment={**environment, "world_size": 1})
+    make_run(outputs, BERT, 3e-5, seed=1, scores=(0.95, 0.80, 0.80, 0.80, 0.80), world_size=4, environment={**environment, "world_size": 4})
+    make_run(outputs, BERT, 3e-5, seed=2, scores=(0.93, 0.82, 0.82, 0.82, 0.82), environment={**environment, "world_size": 4})
+    run_aggregate(outputs, tmp_path / "results")
+    out, _ = capsys.readouterr()
+    assert "settings differ in: world_size (beyond model_name)" in out
+
+    all_runs = pd.read_csv(tmp_path / "results" / "all.csv")
+    assert list(all_runs.columns) == [*ALL_COLUMNS[:2], "world_size", *ALL_COLUMNS[2:]]
+    assert sorted(zip(all_runs["world_size"], all_runs["seed"])) == [(1, 1), (1, 2), (4, 1), (4, 2)]
+    best = pd.read_csv(tmp_path / "results" / "best.csv")
+    assert len(best) == 1 and best.loc[0, "world_size"] == 4 and best.loc[0, "n_runs"] == 2  # not 4 runs averaged
+    assert best.loc[0, "f1"] == pytest.approx(0.81)
+
+
+@pytest.mark.parametrize(
+    ("config", "world_size"),
+    [({"world_size": 2, "environment": {"world_size": 8}}, 2), ({"environment": {"world_size": 8}}, 8), ({}, 1), ({"environment": None}, 1)],
+)
+def test_world_size_of_older_configs(config: dict, world_size: int) -> None:
+    assert aggregate.world_size_of(config) == world_size
+    assert aggregate.setting_of({"lr": 1e-5, **config})["world_size"] == world_size

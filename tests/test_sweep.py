@@ -1,12 +1,15 @@
-"""sweep.py on the tiny model: every combination run once, finished runs skipped, failures reported."""
+"""sweep.py on the tiny model: every combination run once, finished runs skipped, failures reported,
+several runs at once (--jobs) each with its share of the machine and its own log."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import itertools
+import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -26,17 +29,17 @@ LRS = ["5e-3", "1e-3"]
 SEEDS = ["1", "2"]
 
 
-def in_process(argv: list[str]) -> int:
+def in_process(launch: sweep.Launch, slot: sweep.Slot) -> int:
     """A runner that trains in this process (fast: torch is already imported); exit code as train.py's."""
     try:
-        train.main(train.Args().parse_args(argv))
+        train.main(train.Args().parse_args([*launch.argv, *slot.train_argv]))
     except InputError:
         return 1
     return 0
 
 
-def never(argv: list[str]) -> int:
-    pytest.fail(f"nothing should run, but the sweep ran train.py {argv}")
+def never(launch: sweep.Launch, slot: sweep.Slot) -> int:
+    pytest.fail(f"nothing should run, but the sweep ran train.py {launch.argv}")
 
 
 def sweep_args(root: Path, tiny_model_dir: Path, dataset_dir: Path, *argv: str) -> sweep.Args:
@@ -77,14 +80,16 @@ def test_every_combination_runs_once_and_is_aggregated(swept: tuple[Path, str], 
     assert plan(out) == (4, 0, 4)
     assert "(1 models x 2 lrs x 2 seeds x 1 datasets)" in out
     assert out.count("] done in ") == 4 and "[4/4] done" in out
-    first = re.search(r"^\[1/4\] (.*)\n  (.*)$", out, re.MULTILINE)
+    first = re.search(r"^\[1/4\] done in \d+m\d\ds: (.*)  \(log: (.*)\)$", out, re.MULTILINE)
     assert first and first.group(1).startswith(f"{tiny_model_dir} lr=0.005 seed=1 dataset=")
-    assert first.group(2).startswith("python ") and "train.py --model_name" in first.group(2) and "--epochs 1" in first.group(2)
+    log = Path(first.group(2))
+    assert log.parent.parent == root / "outputs" / "sweep-logs" and log.name == "001_tiny-bert_lr=0.005_seed=1_datasets0_livedoor.log"
+    assert re.search(r"^sweep: 4/4 done, 0 running, 0 failed, \d+m\d\ds elapsed, ETA 0m00s$", out, re.MULTILINE)
 
     runs = finished_runs(root / "outputs")
     configs = [utils.load_json(run / "config.json") for run in runs]
     assert sorted((c["lr"], c["seed"]) for c in configs) == [(1e-3, 1), (1e-3, 2), (5e-3, 1), (5e-3, 2)]
-    assert {(c["epochs"], c["model_name"], c["batch_size"]) for c in configs} == {(1, str(tiny_model_dir), 8)}
+    assert {(c["epochs"], c["model_name"], c["batch_size"], c["world_size"]) for c in configs} == {(1, str(tiny_model_dir), 8, 1)}
 
     assert len(pd.read_csv(root / "results" / "all.csv")) == 4
     best = pd.read_csv(root / "results" / "best.csv")
@@ -111,6 +116,8 @@ def test_a_rerun_skips_every_finished_run(swept: tuple[Path, str], tiny_model_di
         (["--epochs", "2"], 0),
         (["--weight_decay", "0"], 0),
         (["--text_fields", "body"], 0),
+        # So does the process count: 2 processes double the effective batch.
+        (["--gpus_per_run", "2"], 0),
         # New axis values are new combinations; the old ones stay done.
         (["--lrs", "5e-3", "1e-4"], 2),
         (["--seeds", "1", "2", "3"], 4),
@@ -154,11 +161,11 @@ def test_failures_do_not_stop_the_sweep(swept: tuple[Path, str], tiny_model_dir:
     shutil.copytree(root / "outputs", tmp_path / "outputs")  # the 4 finished runs: lr 5e-3 and 1e-3
     calls = []
 
-    def runner(argv: list[str]) -> int:
-        calls.append(argv)
-        if argv[argv.index("--lr") + 1] == repr(1e-4):
+    def runner(launch: sweep.Launch, slot: sweep.Slot) -> int:
+        calls.append(launch.argv)
+        if launch.argv[launch.argv.index("--lr") + 1] == repr(1e-4):
             return 3  # e.g. a crash of this learning rate only
-        return in_process(argv)  # a model that cannot be loaded fails for real (exit code 1)
+        return in_process(launch, slot)  # a model that cannot be loaded fails for real (exit code 1)
 
     models = ["--models", "no-such-org/no-such-model", str(tiny_model_dir)]
     args = sweep_args(tmp_path, tiny_model_dir, dataset_dir, *models, "--lrs", "5e-3", "1e-4", "--seeds", "1")
@@ -167,13 +174,16 @@ def test_failures_do_not_stop_the_sweep(swept: tuple[Path, str], tiny_model_dir:
     out = capsys.readouterr().out
     assert plan(out) == (4, 1, 3)
     assert len(calls) == 3  # the first run failed, the others still ran
-    assert [code for _, _, code in e.value.failures] == [1, 3, 3]
+    assert [f.reason for f in e.value.failures] == ["exit code 1", "exit code 3", "exit code 3"]
     message = str(e.value)
     assert message.startswith("3 of 3 runs failed; run the same sweep command again to retry them")
     assert "\n  no-such-org/no-such-model lr=0.005 seed=1 dataset=" in message and ": exit code 1\n" in message
     assert f"\n  {tiny_model_dir} lr=0.0001 seed=1 dataset=" in message and message.count(": exit code 3\n") == 2
-    assert "\n    python " in message and "--model_name no-such-org/no-such-model --lr 0.005" in message
-    assert "[3/3] FAILED (exit code 3)" in out
+    assert "train.py --model_name no-such-org/no-such-model --lr 0.005" in message
+    logs = re.findall(r"^    log: (.*)$", message, re.MULTILINE)
+    assert len(logs) == 3 and all(log.startswith(str(tmp_path / "outputs" / "sweep-logs")) for log in logs)
+    assert "[3/3] FAILED (exit code 3) in " in out
+    assert "sweep: 0/3 done, 0 running, 3 failed" in out
     # Aggregated before the error is raised.
     assert len(pd.read_csv(tmp_path / "results" / "all.csv")) == 4
 
@@ -217,7 +227,7 @@ def test_combination_configs_are_what_train_parses(tiny_model_dir: Path, dataset
     configs = sweep.combination_configs(combinations, args.output_root, args.extra_args)
     for combination, config in zip(combinations, configs):
         parsed = train.Args().parse_args(combination.train_argv(args.output_root, args.extra_args))
-        assert config == train.args_to_json(parsed)
+        assert config == {**train.args_to_json(parsed), "world_size": 1}
 
 
 def test_defaults_are_the_reference_grid(tmp_path: Path) -> None:
@@ -260,16 +270,182 @@ def test_missing_dataset_folder_is_refused_before_any_run(tiny_model_dir: Path, 
         sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, *argv), run=never)
 
 
-# --- the default runner: a real train.py process -----------------------------------------------
 
 
-def test_default_runner_trains_in_a_subprocess(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capfd) -> None:
-    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--lrs", "5e-3", "--seeds", "1"))
+def test_a_run_with_another_process_count_is_not_done(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """A torchrun run (2 processes: twice the effective batch) does not stand for the 1-process combination."""
+    root, _ = swept
+    run = finished_runs(root / "outputs")[0]
+    copy = tmp_path / "outputs" / run.relative_to(root / "outputs")
+    shutil.copytree(run, copy)
+    config = utils.load_json(copy / "config.json")
+
+    def count_done(*argv: str) -> int:
+        sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, *argv, "--dry_run"), run=never)
+        return plan(capsys.readouterr().out)[1]
+
+    assert count_done() == 1
+    utils.save_json({**config, "world_size": 2, "environment": {**config["environment"], "world_size": 2}}, copy / "config.json")
+    assert (count_done(), count_done("--gpus_per_run", "2")) == (0, 1)
+    # A run of an older train.py kept the count only under environment.
+    older = {key: value for key, value in config.items() if key != "world_size"}
+    utils.save_json({**older, "environment": {**config["environment"], "world_size": 2}}, copy / "config.json")
+    assert (count_done(), count_done("--gpus_per_run", "2")) == (0, 1)
+    utils.save_json(older, copy / "config.json")
+    assert (count_done(), count_done("--gpus_per_run", "2")) == (1, 0)
+
+
+# --- several runs at once ---------------------------------------------------------------------------
+
+
+def test_jobs_2_runs_two_train_processes_at_once(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capfd) -> None:
+    """End to end with the default runner: 2 real train.py processes at once, each with its log; a rerun runs nothing."""
+    both_started = threading.Barrier(2, timeout=120)  # broken (a test failure) unless the 2 runs overlap
+    slots = []
+
+    def concurrent_runner(launch: sweep.Launch, slot: sweep.Slot) -> int:
+        slots.append(slot)
+        both_started.wait()
+        return sweep.run_logged(launch, slot)
+
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--jobs", "2"), run=concurrent_runner)
     out = capfd.readouterr().out
-    assert plan(out) == (1, 0, 1)
-    assert "[1/1] done in " in out
-    (run,) = finished_runs(tmp_path / "outputs")
-    assert f"wrote {run}" in out  # train.py's own last line, from the child process
-    config = utils.load_json(run / "config.json")
-    assert (config["lr"], config["seed"], config["epochs"]) == (5e-3, 1, 1)
-    assert len(pd.read_csv(tmp_path / "results" / "all.csv")) == 1
+    assert plan(out) == (2, 0, 2)
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // 2)
+    assert f"sweep: 2 run(s) at once ({threads} thread(s) per process); logs in {tmp_path / 'outputs' / 'sweep-logs'}" in out
+    assert [slot.env["OMP_NUM_THREADS"] for slot in slots] == [str(threads)] * 2
+    assert out.count("] done in ") == 2
+
+    runs = finished_runs(tmp_path / "outputs")
+    assert len(runs) == 2
+    logs = sorted((tmp_path / "outputs" / "sweep-logs").glob("*/*.log"))
+    assert [log.name.split("_seed")[0] for log in logs] == ["001_tiny-bert_lr=0.005", "002_tiny-bert_lr=0.001"]
+    for log in logs:
+        text = log.read_text(encoding="utf-8")
+        assert text.startswith("# ") and "train.py --model_name" in text.splitlines()[0]
+        (run,) = [run for run in runs if f"wrote {run}" in text]  # train.py's own output, in its own log
+        assert utils.load_json(run / "config.json")["lr"] == float(log.name.split("_")[2].removeprefix("lr="))
+    assert len(pd.read_csv(tmp_path / "results" / "all.csv")) == 2
+
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--jobs", "2"), run=never)
+    assert plan(capfd.readouterr().out) == (2, 2, 0)
+
+
+def test_gpus_are_shared_out_through_cuda_visible_devices() -> None:
+    share = sweep.thread_slot(cores=16, runs_at_once=2, nproc=2, forwarded=[])
+    assert share.env["OMP_NUM_THREADS"] == "4" and share.train_argv == ["--num_workers", "4"]
+    slots = sweep.gpu_slots(["0", "1", "2", "3"], jobs=2, gpus_per_run=2, thread_share=share)
+    assert [slot.env["CUDA_VISIBLE_DEVICES"] for slot in slots] == ["0,1", "2,3"]
+    assert [slot.label for slot in slots] == ["GPU 0,1", "GPU 2,3"]
+    with pytest.raises(InputError, match=r"^--jobs 3 x --gpus_per_run 2 needs 6 GPUs, but this machine shows 4 \(0,1,2,3\); lower --jobs$"):
+        sweep.gpu_slots(["0", "1", "2", "3"], jobs=3, gpus_per_run=2, thread_share=share)
+    # A job scheduler that already restricted the GPUs: only those are shared out.
+    assert sweep.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,5"}, device_count=2) == ["2", "5"]
+    assert sweep.visible_gpus({}, device_count=3) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("device", "device_count", "labels"),
+    [("auto", 0, ["1 thread(s) per process"] * 2), ("cpu", 4, ["1 thread(s) per process"] * 2), ("auto", 4, ["GPU 0", "GPU 1"]), ("cuda", 2, ["GPU 0", "GPU 1"])],
+)
+def test_local_slots_follow_the_device(device: str, device_count: int, labels: list[str]) -> None:
+    args = sweep.Args().parse_args(["--jobs", "2"])
+    assert [s.label for s in sweep.local_slots(args, device, device_count, cores=2, environ={})] == labels
+
+
+def test_a_fixed_cuda_device_is_refused_with_gpu_slots() -> None:
+    args = sweep.Args().parse_args(["--jobs", "2", "--device", "cuda:1"])
+    with pytest.raises(InputError, match=r"^--device cuda:1: the sweep gives each run its GPU\(s\) through CUDA_VISIBLE_DEVICES"):
+        sweep.local_slots(args, "cuda:1", 2, cores=2, environ={})
+
+
+def test_a_forwarded_num_workers_wins() -> None:
+    assert sweep.thread_slot(cores=8, runs_at_once=1, nproc=1, forwarded=["--num_workers", "3"]).train_argv == []
+
+
+def test_several_gpus_per_run_are_launched_with_torchrun(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    assert sweep.train_command(["--lr", "1"], 1, python="py", script=Path("t.py")) == ["py", "t.py", "--lr", "1"]
+    assert sweep.train_command(["--lr", "1"], 2, python="py", script=Path("t.py")) == [
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "t.py", "--lr", "1",
+    ]  # fmt: skip
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--gpus_per_run", "2", "--dry_run"), run=never)
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 " in capsys.readouterr().out
+
+
+def test_progress_line() -> None:
+    assert sweep.progress_line(10, 0, 0, 2, 30) == "sweep: 0/10 done, 2 running, 0 failed, 0m30s elapsed, ETA ?"
+    assert sweep.progress_line(10, 3, 1, 2, 400) == "sweep: 3/10 done, 2 running, 1 failed, 6m40s elapsed, ETA 10m00s"
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_rewritten_in_place_on_a_terminal() -> None:
+    terminal = FakeTerminal()
+    progress = sweep.Progress(2, stream=terminal)
+    progress.running = 1
+    progress.show()
+    progress.ended("[1/2] done in 0m01s: x", ok=True)
+    progress.close()
+    text = terminal.getvalue()
+    assert text.startswith("\r\033[Ksweep: 0/2 done, 1 running, 0 failed, ")
+    assert "\r\033[K[1/2] done in 0m01s: x\n\r\033[Ksweep: 1/2 done, 1 running, 0 failed, " in text
+    assert text.endswith("\n") and text.count("\n") == 2  # one line per ended run, then the final line
+
+
+def test_progress_prints_plain_periodic_lines_elsewhere() -> None:
+    stream = io.StringIO()
+    progress = sweep.Progress(2, stream=stream, interval=3600)
+    progress.show()
+    progress.show()  # too soon for another line
+    progress.ended("[1/2] FAILED (exit code 1) in 0m01s: x", ok=False)
+    assert "\r" not in stream.getvalue()
+    assert stream.getvalue().splitlines()[0] == "[1/2] FAILED (exit code 1) in 0m01s: x"
+    assert stream.getvalue().splitlines()[1].startswith("sweep: 0/2 done, 0 running, 1 failed, ")
+
+
+# --- Slurm options (the launcher itself is tested on a real cluster in test_slurm.py) ----------------
+
+
+def test_slurm_options_become_submitit_parameters() -> None:
+    args = sweep.Args().parse_args([
+        "--launcher", "slurm", "--slurm_partition", "gpu", "--slurm_time", "90", "--slurm_cpus_per_run", "8",
+        "--slurm_array_parallelism", "4", "--gpus_per_run", "2",
+        "--slurm_option", "account=abc", "--slurm_option", "qos=high", "constraint=a100", "--slurm_option", "exclusive",
+    ])  # fmt: skip
+    parameters = sweep.slurm_parameters(args, gpus=True, src_dir=Path("/repo/src"))
+    assert {k: parameters[k] for k in ("partition", "time", "cpus_per_task", "array_parallelism", "gpus_per_node")} == {
+        "partition": "gpu", "time": 90, "cpus_per_task": 8, "array_parallelism": 4, "gpus_per_node": 2,
+    }  # fmt: skip
+    assert parameters["additional_parameters"] == {"account": "abc", "qos": "high", "constraint": "a100", "exclusive": True}
+    assert parameters["setup"] == ["export PYTHONPATH=/repo/src${PYTHONPATH:+:$PYTHONPATH}"]
+    assert "gpus_per_node" not in sweep.slurm_parameters(args, gpus=False)  # --device cpu asks Slurm for no GPU
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--jobs", "0"], ": error: --jobs must be at least 1"),
+        (["--gpus_per_run", "0"], ": error: --gpus_per_run must be at least 1"),
+        (["--no_wait"], ": error: --no_wait only apply with --launcher slurm"),
+        (["--slurm_partition", "p", "--slurm_option", "a=b"], ": error: --slurm_partition, --slurm_option only apply with --launcher slurm"),
+        (["--launcher", "slurm", "--jobs", "2"], ": error: --jobs is for --launcher local; with Slurm, --slurm_array_parallelism"),
+        (["--launcher", "slurm", "--slurm_option", "account="], ": error: --slurm_option 'account=': write KEY=VALUE"),
+        (["--launcher", "pbs"], 'argument --launcher: Value for variable "launcher" must be one of'),
+    ],
+)
+def test_bad_launcher_arguments_are_refused(argv: list[str], error: str, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        sweep.Args().parse_args(argv)
+    assert e.value.code == 2
+    assert error in capsys.readouterr().err
+
+
+def test_config_records_the_slurm_job_of_a_run() -> None:
+    assert train.slurm_ids({"HOME": "/root"}) is None  # not under Slurm
+    assert train.slurm_ids({"SLURM_JOB_ID": "12"}) == {"job_id": "12"}
+    task = {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}
+    assert train.slurm_ids(task) == {"job_id": "15", "array_job_id": "12", "array_task_id": "3"}

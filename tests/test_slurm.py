@@ -1,0 +1,158 @@
+"""sweep.py --launcher slurm on a real Slurm cluster (tests/slurm/start-cluster.sh starts a one-node one).
+
+Without a cluster these tests skip with the reason; where SLURM_TESTS=required (.ci/run sets it),
+a missing cluster is a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import sweep
+import utils
+from test_sweep import FORWARDED, finished_runs, plan
+
+TINY_LRS = ["5e-3", "1e-3"]
+
+
+def cluster_problem() -> str | None:
+    """Why the Slurm tests cannot run here, or None when a node takes jobs."""
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
+        return "no Slurm client (sbatch, squeue) on PATH; start one with `sudo tests/slurm/start-cluster.sh`"
+    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False)
+    states = result.stdout.split()
+    if result.returncode != 0 or not any(s.rstrip("*") in ("idle", "mix", "alloc") for s in states):
+        return f"no Slurm node takes jobs (sinfo: {(result.stdout + result.stderr).strip() or 'no answer'}); run `sudo tests/slurm/start-cluster.sh`"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster() -> None:
+    problem = cluster_problem()
+    if problem is None:
+        return
+    if os.environ.get("SLURM_TESTS") == "required":
+        pytest.fail(f"SLURM_TESTS=required, but {problem}")
+    pytest.skip(problem)
+
+
+def slurm_args(root: Path, models: list[str], dataset_dir: Path, *argv: str) -> sweep.Args:
+    base = [
+        "--launcher", "slurm", "--models", *models, "--lrs", *TINY_LRS, "--seeds", "1", "--dataset_dirs", str(dataset_dir),
+        "--output_root", str(root / "outputs"), "--results_dir", str(root / "results"), "--slurm_cpus_per_run", "1",
+        "--slurm_time", "10", *FORWARDED,
+    ]  # fmt: skip
+    return sweep.Args().parse_args([*base, *argv])
+
+
+def squeue(comment: str) -> list[str]:
+    """Ids (JOBID_TASK) of the queued tasks whose job carries this comment."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %k"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split()[1:] == [comment]]
+
+
+@pytest.fixture(scope="module")
+def slurm_swept(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, dataset_dir: Path) -> tuple[Path, str, sweep.RunsFailed]:
+    """One array of 4 tasks: the tiny model at 2 lrs, and a model that cannot load (2 failing runs)."""
+    root = tmp_path_factory.mktemp("slurm")
+    args = slurm_args(root, [str(tiny_model_dir), "no-such-org/no-such-model"], dataset_dir)
+    with pytest.raises(sweep.RunsFailed) as failed:
+        sweep.main(args)
+    return root, failed.value
+
+
+def test_a_slurm_sweep_runs_every_combination_and_aggregates(slurm_swept, capfd) -> None:
+    root, _ = slurm_swept
+    runs = finished_runs(root / "outputs")
+    assert len(runs) == 2
+    assert len(pd.read_csv(root / "results" / "all.csv")) == 2
+    # Each run records the Slurm job and array task that ran it.
+    ids = [utils.load_json(run / "config.json")["environment"]["slurm"] for run in runs]
+    assert len({i["array_job_id"] for i in ids}) == 1 and sorted(i["array_task_id"] for i in ids) == ["0", "1"]
+    assert all(re.fullmatch(r"\d+", i["job_id"]) for i in ids)
+    # Each run's output went to its own log, in the sweep's log folder.
+    logs = sorted((root / "outputs" / "sweep-logs").glob("*/*.log"))
+    assert len(logs) == 4
+    for run in runs:
+        assert [log for log in logs if f"wrote {run}" in log.read_text(encoding="utf-8")]
+
+
+def test_failing_runs_are_listed_with_their_logs(slurm_swept) -> None:
+    _, failed = slurm_swept
+    message = str(failed)
+    assert message.startswith("2 of 4 runs failed; run the same sweep command again")
+    assert [f.reason for f in failed.failures] == ["exit code 1", "exit code 1"]
+    for failure in failed.failures:
+        assert failure.launch.title.startswith("no-such-org/no-such-model lr=")
+        assert f"    log: {failure.launch.log_path}\n" in message
+        assert "cannot load model 'no-such-org/no-such-model'" in failure.launch.log_path.read_text(encoding="utf-8")
+
+
+def test_a_rerun_submits_nothing(slurm_swept, tiny_model_dir: Path, dataset_dir: Path, capsys) -> None:
+    root, _ = slurm_swept
+    sweep.main(slurm_args(root, [str(tiny_model_dir)], dataset_dir))
+    out = capsys.readouterr().out
+    assert plan(out) == (2, 2, 0)
+    assert "submitting" not in out and "Slurm job array" not in out
+    assert len(pd.read_csv(root / "results" / "all.csv")) == 2  # aggregated again
+
+
+def test_a_cancelled_array_is_reported_and_a_rerun_submits_only_what_is_missing(
+    slurm_swept, tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys
+) -> None:
+    root, _ = slurm_swept
+    shutil.copytree(root / "outputs", tmp_path / "outputs")  # the 2 finished runs
+    comment = f"cancel-test-{os.getpid()}"
+    # A third learning rate, held back (it would start in an hour), then cancelled while the sweep waits.
+    args = slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, "--lrs", *TINY_LRS, "1e-4", "--slurm_option", "begin=now+3600", f"comment={comment}")
+    outcome: list[BaseException] = []
+
+    def waiting_sweep() -> None:
+        try:
+            sweep.main(args)
+        except BaseException as e:  # noqa: BLE001: handed to the test thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=waiting_sweep)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (queued := squeue(comment)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(queued) == 1  # only the missing lr was submitted
+    time.sleep(2)
+    assert thread.is_alive()  # the sweep waits for a task that is still queued
+    subprocess.run(["scancel", queued[0].split("_")[0]], check=True)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+
+    (failed,) = outcome
+    assert isinstance(failed, sweep.RunsFailed)
+    (failure,) = failed.failures
+    assert failure.launch.title.startswith(f"{tiny_model_dir} lr=0.0001 ")
+    assert failure.reason.startswith("stopped by Slurm before it ended (cancelled, or the node failed); Slurm log: ")
+    out = capsys.readouterr().out
+    assert plan(out) == (3, 2, 1)
+
+    sweep.main(slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, "--lrs", *TINY_LRS, "1e-4", "--dry_run"))
+    assert plan(capsys.readouterr().out) == (3, 2, 1)  # the cancelled run is the one still missing
+
+
+def test_no_wait_submits_and_returns(slurm_swept, tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    comment = f"no-wait-test-{os.getpid()}"
+    args = slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, "--lrs", "1e-4", "--slurm_option", "begin=now+3600", f"comment={comment}", "--no_wait")
+    sweep.main(args)
+    out = capsys.readouterr().out
+    job = re.search(r"^sweep: Slurm job array (\d+) \(1 tasks", out, re.MULTILINE)
+    assert job and f"Follow it with `squeue -j {job.group(1)}`" in out and "run this same command again" in out
+    assert squeue(comment) == [job.group(1)]  # still queued: the sweep did not wait
+    subprocess.run(["scancel", job.group(1)], check=True)
+    assert not (tmp_path / "results").exists()
