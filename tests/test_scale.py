@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from sklearn.metrics import f1_score
 
+import tokenization
 import train
 import utils
 from conftest import TINY_TRAINING, read_csv
@@ -53,9 +54,8 @@ def test_accumulated_gradient_equals_one_batch(tiny_model_dir: Path, dataset_dir
     label2id = train.load_label2id(dataset_dir)
     tokenizer, model = train.load_model(str(tiny_model_dir), label2id)
     model.eval()  # no dropout, so the two ways see the same function
-    args = train.Args().parse_args(["--max_seq_len", "64", "--num_workers", "1"])
-    rows = train.load_split(dataset_dir, "train", args.text_fields, 9)[:8]
-    examples = train.tokenize_split(rows, tokenizer, args, True, dataset_dir / "train.jsonl")
+    rows = train.load_split(dataset_dir, "train", ["title", "body"], 9)[:8]
+    examples = tokenization.encode_slow(tokenizer, tokenization.texts_of(rows, ["title", "body"]), 64, True).examples([r["label"] for r in rows])
     autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
