@@ -14,7 +14,8 @@ Output: JSONL (--output_file, written atomically, or stdout), a row per input ro
 the input row's fields, then `pred` (category name), `pred_id` and `probs` ({category: probability}).
 
 Text is tokenised by the code train.py uses (src/tokenization.py) with the layout the model was trained with (text_fields
-and max_seq_len, recorded in the model's config.json): the body alone is truncated, as in training.
+and max_seq_len, recorded in the model's config.json): the body alone is truncated, as in training (a title
+that alone fills max_seq_len is truncated too, the body left out, and the rows counted on stderr).
 Progress and information go to stderr, so stdout holds only the predictions.
 """
 

@@ -266,7 +266,12 @@ def test_a_title_longer_than_max_seq_len_is_truncated_and_reported(
     utils.save_jsonl(rows, tmp_path / "in.jsonl")
     predictions = run_predict(model_dir, "--input_file", str(tmp_path / "in.jsonl"))
     assert [p["id"] for p in predictions] == [row["id"] for row in rows]
-    assert f"{tmp_path / 'in.jsonl'}: 1 row(s) whose title alone fills the model's max_seq_len 64: title truncated to fit, body left out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'in.jsonl'}: 1 row(s) whose title alone fills the model's max_seq_len 64: title truncated to fit, body left out" in err
+    assert "tokenizer: fast path: MeCab words" in err
+    # --slow_tokenizer: transformers' own code, the same predictions.
+    assert run_predict(model_dir, "--input_file", str(tmp_path / "in.jsonl"), "--slow_tokenizer") == predictions
+    assert "tokenizer: BertJapaneseTokenizer's own Python code (--slow_tokenizer)" in capsys.readouterr().err
     # The same as what training's tokenisation makes of that row: the first 61 title tokens, then [SEP] [SEP].
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     title_ids = tokenizer(rows[1]["title"], add_special_tokens=False)["input_ids"]

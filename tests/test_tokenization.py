@@ -138,8 +138,10 @@ def test_a_dataset_with_long_titles_trains_and_reports_them(make_train_args, dat
         utils.save_jsonl(rows, data / f"{split}.jsonl")
     run_dir = train.main(make_train_args(
         tmp_path / "out", "--dataset_dir", str(data), "--max_seq_len", "32", "--epochs", "1", "--tokenized_cache_dir", str(tmp_path / "cache"),
+        "--slow_tokenizer",
     ))  # fmt: skip
     out = capsys.readouterr().out
+    assert "tokenizer: BertJapaneseTokenizer's own Python code (--slow_tokenizer)" in out
     assert "tokenised (cache off)" in out and not (tmp_path / "cache").exists()  # --tokenized_cache off (conftest): nothing written
     assert "train: 3 row(s) whose title alone fills --max_seq_len 32: title truncated to fit, body left out" in out
     assert "val: 1 row(s) whose title alone fills" in out and "test: " not in out

@@ -132,6 +132,7 @@ def main(args: Args) -> None:
             )
             steps[name] = time.perf_counter() - start
         (entry,) = cache_dir.glob("*.npz")
+        entry_mib = entry.stat().st_size / 2**20
 
     workers = tokenization.tokenizer_workers(args.num_workers)
     command = "poetry run python tests/benchmarks/bench_tokenize.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
@@ -150,7 +151,7 @@ def main(args: Args) -> None:
             f"fast / slow: {speeds['fast'] / speeds['slow']:.2f}x   identical ids and lengths: {'yes' if same else 'NO'}",
             "",
             f"run start, tokenisation step: cold cache {steps['cold']:.2f} s (fast path + writing the entry), warm cache {steps['warm']:.2f} s "
-            f"(reading {entry.stat().st_size / 2**20:,.1f} MiB)",
+            f"(reading {entry_mib:,.1f} MiB)",
             f"cold / warm: {steps['cold'] / steps['warm']:.1f}x",
             "note:      timings are wall-clock on a shared machine; compare the ratios of one run",
         ])
