@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, BertJapaneseTokenizer
+from transformers import AutoTokenizer, BertJapaneseTokenizer, BertTokenizer
 
 import tokenization
 import train
@@ -114,11 +114,12 @@ def test_parallel_tokenisation_equals_serial(tokenizer: BertJapaneseTokenizer, c
 # --- a title longer than max_seq_len (issue 9) ------------------------------------------------
 
 
-def test_an_over_long_title_is_truncated_and_the_body_left_out(tokenizer: BertJapaneseTokenizer) -> None:
+def test_an_over_long_title_is_truncated_and_the_body_left_out(tokenizer: BertJapaneseTokenizer, tiny_model_dir: Path) -> None:
     title, body = "映画の監督と俳優" * 10, "俳優について主演の公開が話題になっている。"
-    title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
-    assert len(title_ids) > 16
-    for encoder in (SlowEncoder(tokenizer, "test"), MecabWordPieceEncoder(tokenizer)):
+    rust = BertTokenizer.from_pretrained(tiny_model_dir)  # a fast (Rust) tokenizer of another class: the same rule
+    for tokenizer, encoder in ((tokenizer, SlowEncoder(tokenizer, "test")), (tokenizer, MecabWordPieceEncoder(tokenizer)), (rust, SlowEncoder(rust, "test"))):
+        title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
+        assert len(title_ids) > 16
         encoded = encoder([[title, body], ["映画", body]], 16, True)
         cut, kept = encoded.example(0), encoded.example(1)
         assert cut["input_ids"] == [tokenizer.cls_token_id, *title_ids[:13], tokenizer.sep_token_id, tokenizer.sep_token_id]
