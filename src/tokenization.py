@@ -126,12 +126,12 @@ def encode_slow(
     if not texts:
         return Encoded.from_lists([], [] if token_type_ids else None, 0)
     columns = [list(column) for column in zip(*texts)]
+    room = room_for_text(tokenizer, max_seq_len, pair=len(columns) == 2)
     options = {"max_length": max_seq_len, "return_token_type_ids": token_type_ids, "return_attention_mask": False}
     if len(columns) == 1:
         encoded = tokenizer(columns[0], truncation=True, **options)
         return Encoded.from_lists(encoded["input_ids"], encoded.get("token_type_ids") if token_type_ids else None, 0)
 
-    room = room_for_text(tokenizer, max_seq_len, pair=True)
     first_lengths = [len(ids) for ids in tokenizer(columns[0], add_special_tokens=False)["input_ids"]]
     cut = [i for i, length in enumerate(first_lengths) if length >= room]
     for i in cut:  # the first text alone fills max_seq_len: keep what fits of it, and none of the second

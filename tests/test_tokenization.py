@@ -17,6 +17,7 @@ import tokenization
 import train
 import utils
 from tokenization import Encoded, MecabWordPieceEncoder, SlowEncoder
+from utils import InputError
 
 SPLITS = ("train", "val", "test")
 
@@ -124,8 +125,16 @@ def test_an_over_long_title_is_truncated_and_the_body_left_out(tokenizer: BertJa
         cut, kept = encoded.example(0), encoded.example(1)
         assert cut["input_ids"] == [tokenizer.cls_token_id, *title_ids[:13], tokenizer.sep_token_id, tokenizer.sep_token_id]
         assert cut["token_type_ids"] == [0] * 15 + [1]
-        assert len(kept["input_ids"]) == 16 and kept["input_ids"][2] == tokenizer.sep_token_id  # the usual body truncation
+        short_title = tokenizer("映画", add_special_tokens=False)["input_ids"]
+        assert len(kept["input_ids"]) == 16 and kept["input_ids"][1 + len(short_title)] == tokenizer.sep_token_id  # the usual body truncation
         assert encoded.cut_titles == 1
+
+
+def test_a_max_seq_len_without_room_for_text_is_refused(tokenizer: BertJapaneseTokenizer) -> None:
+    for encoder in (SlowEncoder(tokenizer, "test"), MecabWordPieceEncoder(tokenizer)):
+        with pytest.raises(InputError, match=r"^--max_seq_len 3 leaves no room for text: the special tokens alone take 3$"):
+            encoder([["映画", "俳優"]], 3, True)
+        assert len(encoder([["映画", "俳優"]], 4, True).example(0)["input_ids"]) == 4
 
 
 def test_a_dataset_with_long_titles_trains_and_reports_them(make_train_args, dataset_dir: Path, tmp_path: Path, capsys) -> None:
