@@ -48,6 +48,9 @@ NOT_SETTING_FIELDS = frozenset(
         "eval_batch_size",
         "save_model",
         "compile",
+        "slow_tokenizer",  # the same ids either way
+        "tokenized_cache",
+        "tokenized_cache_dir",
         # run facts, measured rather than chosen
         "num_params",
         "num_labels",

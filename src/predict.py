@@ -13,8 +13,9 @@ Input, read as UTF-8:
 Output: JSONL (--output_file, written atomically, or stdout), a row per input row, in input order:
 the input row's fields, then `pred` (category name), `pred_id` and `probs` ({category: probability}).
 
-Text is tokenised by train.py's own code with the layout the model was trained with (text_fields
-and max_seq_len, recorded in the model's config.json): the body alone is truncated, as in training.
+Text is tokenised by the code train.py uses (src/tokenization.py) with the layout the model was trained with (text_fields
+and max_seq_len, recorded in the model's config.json): the body alone is truncated, as in training (a title
+that alone fills max_seq_len is truncated too, the body left out, and the rows counted on stderr).
 Progress and information go to stderr, so stdout holds only the predictions.
 """
 
@@ -34,6 +35,7 @@ from tap import Tap
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
+import tokenization
 import train
 import utils
 from utils import InputError
@@ -53,7 +55,8 @@ class Args(Tap):
     batch_size: int = 32  # examples per forward pass (batches are sorted by length, the output is in input order)
     device: str = "auto"  # auto (cuda, else mps, else cpu), or a torch device such as cpu, cuda:1, mps
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the forward pass; auto: bf16/fp16 on GPUs (faster, probabilities differ slightly)
-    num_workers: int = 0  # processes that tokenise the input (0: one per CPU core, at most 8)
+    num_workers: int = 0  # processes that tokenise the input (0: one per CPU core this process may use, at most 8)
+    slow_tokenizer: bool = False  # tokenise with the tokenizer's own transformers code even where the fast MeCab + WordPiece path applies (same ids)
 
     def process_args(self) -> None:
         if self.batch_size < 1:
@@ -155,15 +158,21 @@ def read_lines(lines: Iterable[str], text_fields: Sequence[str]) -> list[dict]:
 
 def tokenize(
     rows: list[dict], tokenizer: transformers.PreTrainedTokenizerBase, text_fields: Sequence[str], max_seq_len: int,
-    token_type_ids: bool, num_workers: int, source: str,
+    token_type_ids: bool, slow: bool, num_workers: int, source: str,
 ) -> list[dict]:
-    """Examples as train.py makes them (its own encode), numbered in input order."""
+    """Examples as train.py makes them (the same tokenization module, fast or slow path), numbered in input order."""
     if not rows:
         return []
-    texts = [[row[field] for field in text_fields] for row in rows]
-    encoded = train.encode_parallel(tokenizer, texts, max_seq_len, token_type_ids, num_workers)
-    train.check_lengths(encoded, text_fields, max_seq_len, source)
-    return [{**example, "label": NO_LABEL, "index": i} for i, example in enumerate(encoded)]
+    encoder = tokenization.choose_encoder(tokenizer, slow)
+    info(f"tokenizer: {encoder.description}")
+    texts = tokenization.texts_of(rows, text_fields)
+    encoded = tokenization.encode_parallel(encoder, texts, max_seq_len, token_type_ids, num_workers)
+    if encoded.cut_titles:
+        info(
+            f"{source}: {encoded.cut_titles} row(s) whose {text_fields[0]} alone fills the model's max_seq_len {max_seq_len}: "
+            f"{text_fields[0]} truncated to fit, {text_fields[-1]} left out"
+        )
+    return encoded.examples([NO_LABEL] * len(rows))
 
 
 def classify(
@@ -230,8 +239,8 @@ def main(args: Args) -> list[dict]:
     )
 
     start = time.perf_counter()
-    token_type_ids = train.wants_token_type_ids(model.config, text_fields)
-    examples = tokenize(rows, tokenizer, text_fields, max_seq_len, token_type_ids, args.num_workers, source)
+    token_type_ids = tokenization.wants_token_type_ids(model.config, text_fields)
+    examples = tokenize(rows, tokenizer, text_fields, max_seq_len, token_type_ids, args.slow_tokenizer, args.num_workers, source)
     logits = classify(model, examples, tokenizer.pad_token_id, args.batch_size, device, dtype)
     predictions = [with_prediction(row, row_logits, labels) for row, row_logits in zip(rows, logits)]
     seconds = time.perf_counter() - start

@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from transformers.optimization import get_linear_schedule_with_warmup
 
 import plot
+import tokenization
 import utils
 from utils import InputError
 
@@ -65,7 +65,10 @@ class Args(Tap):
     device: str = "auto"  # auto (cuda, else mps, else cpu), or a torch device such as cpu, cuda:1, mps
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast precision; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS
     compile: bool = False  # torch.compile the model (dynamic shapes); off by default: no gain measured on CPU
-    num_workers: int = 0  # processes that tokenise the dataset (0: one per CPU core, shared among torchrun processes, at most 8)
+    num_workers: int = 0  # processes that tokenise the dataset (0: one per CPU core this process may use, shared among torchrun processes, at most 8)
+    slow_tokenizer: bool = False  # tokenise with the tokenizer's own transformers code even where the fast MeCab + WordPiece path applies (same ids)
+    tokenized_cache: Literal["on", "off"] = "on"  # on: read the tokenised splits from --tokenized_cache_dir, or tokenise and store them there; off: tokenise every run
+    tokenized_cache_dir: Path = Path("cache/tokenized")  # tokenised splits shared by runs and torchrun ranks, keyed by tokenizer, dataset and input layout (safe to delete)
     seed: int = 42  # seed of the model's new head, the shuffling and dropout
     save_model: bool = False  # also save the best model and its tokenizer to RUN_DIR/model (safetensors)
 
@@ -107,70 +110,6 @@ def load_label2id(dataset_dir: Path) -> dict[str, int]:
     if sorted(label2id.values()) != list(range(len(label2id))):
         raise InputError(f"{path}: ids must be 0..{len(label2id) - 1}, got {sorted(label2id.values())}")
     return label2id
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[Sequence[str]], max_seq_len: int, token_type_ids: bool
-) -> list[dict[str, list[int]]]:
-    """Token ids of each example: one text, or a pair whose second text alone is truncated (as the reference).
-
-    Transformers 5 returns no token_type_ids unless asked, so pairs would lose their segment ids:
-    ask whenever the model has more than one token type.
-    """
-    columns = list(zip(*texts))
-    encoded = tokenizer(
-        *columns,
-        truncation="only_second" if len(columns) == 2 else True,
-        max_length=max_seq_len,
-        return_token_type_ids=token_type_ids,
-        return_attention_mask=False,
-    )
-    keys = ["input_ids", "token_type_ids"] if token_type_ids else ["input_ids"]
-    return [{key: encoded[key][i] for key in keys} for i in range(len(texts))]
-
-
-def wants_token_type_ids(config: transformers.PretrainedConfig, text_fields: Sequence[str]) -> bool:
-    """Segment ids matter for pairs on models trained with them (BERT: 2 types; RoBERTa-like: 1)."""
-    return len(text_fields) == 2 and getattr(config, "type_vocab_size", 1) > 1
-
-
-def _encode_chunk(args: tuple[PreTrainedTokenizerBase, list[list[str]], int, bool]) -> list[dict[str, list[int]]]:
-    return encode(*args)
-
-
-def tokenizer_workers(num_workers: int) -> int:
-    """--num_workers, or by default the CPU cores shared among this machine's processes (at most 8)."""
-    return num_workers or max(1, min((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 8))
-
-
-def encode_parallel(
-    tokenizer: PreTrainedTokenizerBase, texts: list[list[str]], max_seq_len: int, token_type_ids: bool, num_workers: int
-) -> list[dict[str, list[int]]]:
-    """encode() spread over processes: the Japanese tokenizer has no fast version (~120 docs/s per core)."""
-    workers = tokenizer_workers(num_workers)
-    if workers == 1 or len(texts) < 64:  # a pool costs more than it saves here
-        return encode(tokenizer, texts, max_seq_len, token_type_ids)
-    chunk_size = math.ceil(len(texts) / (workers * 4))  # 4 chunks per worker even out their speeds
-    jobs = [(tokenizer, chunk, max_seq_len, token_type_ids) for chunk in chunked(texts, chunk_size)]
-    with get_context().Pool(workers) as pool:  # fork on Linux, spawn elsewhere: nothing global is read
-        return [row for chunk in pool.map(_encode_chunk, jobs) for row in chunk]
-
-
-def check_lengths(encoded: list[dict[str, list[int]]], text_fields: Sequence[str], max_seq_len: int, source: str) -> None:
-    """Only the last text is truncated: a first text (title) longer than max_seq_len on its own is an error."""
-    for line_no, example in enumerate(encoded, start=1):
-        if len(example["input_ids"]) > max_seq_len:
-            raise InputError(f"{source}: line {line_no}: {text_fields[0]} alone is longer than max_seq_len ({max_seq_len} tokens)")
-
-
-def tokenize_split(
-    rows: list[dict], tokenizer: PreTrainedTokenizerBase, args: Args, token_type_ids: bool, path: Path
-) -> list[dict]:
-    """Examples ready for batching: token ids, label and position in the split. Done once per run."""
-    texts = [[str(row[field]) for field in args.text_fields] for row in rows]
-    encoded = encode_parallel(tokenizer, texts, args.max_seq_len, token_type_ids, args.num_workers)
-    check_lengths(encoded, args.text_fields, args.max_seq_len, str(path))
-    return [{**example, "label": row["label"], "index": i} for i, (row, example) in enumerate(zip(rows, encoded))]
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -525,12 +464,13 @@ def main(args: Args) -> Path:
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
 
-    # Tokenise each split once; batches are then only padded.
-    token_type_ids = wants_token_type_ids(model.config, args.text_fields)
-    start = time.perf_counter()
-    examples = {split: tokenize_split(rows[split], tokenizer, args, token_type_ids, args.dataset_dir / f"{split}.jsonl") for split in SPLITS}
-    num_examples = sum(map(len, examples.values()))
-    log(f"tokenised {num_examples:,} examples in {time.perf_counter() - start:.1f} s")
+    # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
+    examples = tokenization.tokenize_splits(
+        rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, text_fields=args.text_fields,
+        max_seq_len=args.max_seq_len, token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
+        slow=args.slow_tokenizer, num_workers=args.num_workers, log=log,
+        cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
+    )
 
     pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
     sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)

@@ -48,6 +48,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path) 
 TINY_TRAINING = [
     "--epochs", "10", "--lr", "5e-3", "--num_warmup_epochs", "1", "--batch_size", "8",
     "--max_seq_len", "64", "--num_workers", "1", "--device", "cpu",
+    "--tokenized_cache", "off",  # no cache in the working folder; tests of the cache give their own folder
 ]  # fmt: skip
 
 

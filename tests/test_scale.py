@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from sklearn.metrics import f1_score
 
+import tokenization
 import train
 import utils
 from conftest import TINY_TRAINING, read_csv
@@ -26,12 +27,13 @@ def test_torchrun_with_two_cpu_processes(tiny_model_dir: Path, dataset_dir: Path
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "src" / "train.py"),
         "--model_name", str(tiny_model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(tmp_path),
         *TINY_TRAINING, "--batch_size", "4",  # 4 per process x 2 processes: the usual effective batch of 8
-        "--save_model",
+        "--save_model", "--tokenized_cache", "on", "--tokenized_cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
-    (run_dir,) = tmp_path.glob("*/*/*")  # one run folder, written by rank 0 only
+    (run_dir,) = tmp_path.glob("*/*/*")  # one run folder, written by rank 0 only (the cache entry is at cache/*)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # both ranks read one cache entry, written once
     assert result.stdout.count("run folder:") == 1
     assert "effective batch 4 x 1 accumulation x 2 process(es) = 8" in result.stdout
     assert utils.load_json(run_dir / "config.json")["environment"]["world_size"] == 2
@@ -53,9 +55,8 @@ def test_accumulated_gradient_equals_one_batch(tiny_model_dir: Path, dataset_dir
     label2id = train.load_label2id(dataset_dir)
     tokenizer, model = train.load_model(str(tiny_model_dir), label2id)
     model.eval()  # no dropout, so the two ways see the same function
-    args = train.Args().parse_args(["--max_seq_len", "64", "--num_workers", "1"])
-    rows = train.load_split(dataset_dir, "train", args.text_fields, 9)[:8]
-    examples = train.tokenize_split(rows, tokenizer, args, True, dataset_dir / "train.jsonl")
+    rows = train.load_split(dataset_dir, "train", ["title", "body"], 9)[:8]
+    examples = tokenization.encode_slow(tokenizer, tokenization.texts_of(rows, ["title", "body"]), 64, True).examples([r["label"] for r in rows])
     autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 

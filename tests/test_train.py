@@ -14,6 +14,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+import tokenization
 import train
 from conftest import read_csv
 import utils
@@ -121,7 +122,7 @@ def test_config_is_written_before_training(make_train_args, tmp_path: Path, monk
     def crash(*args, **kwargs):
         raise RuntimeError("crashed while tokenising")
 
-    monkeypatch.setattr(train, "tokenize_split", crash)
+    monkeypatch.setattr(tokenization, "tokenize_splits", crash)
     with pytest.raises(RuntimeError):
         train.main(make_train_args(tmp_path))
     (run_dir,) = (tmp_path).glob("*/*/*")
@@ -195,9 +196,8 @@ def test_evaluation_loss_is_the_mean_over_examples(tiny_model_dir: Path, dataset
     """The reference divided the LAST batch's loss by the set size."""
     label2id = train.load_label2id(dataset_dir)
     tokenizer, model = train.load_model(str(tiny_model_dir), label2id)
-    args = train.Args().parse_args(["--max_seq_len", "64", "--num_workers", "1"])
-    rows = train.load_split(dataset_dir, "val", args.text_fields, 9)
-    examples = train.tokenize_split(rows, tokenizer, args, True, dataset_dir / "val.jsonl")
+    rows = train.load_split(dataset_dir, "val", ["title", "body"], 9)
+    examples = tokenization.encode_slow(tokenizer, tokenization.texts_of(rows, ["title", "body"]), 64, True).examples([r["label"] for r in rows])
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     pad = lambda batch: train.collate(batch, tokenizer.pad_token_id)  # noqa: E731
 
@@ -217,19 +217,19 @@ def test_evaluation_loss_is_the_mean_over_examples(tiny_model_dir: Path, dataset
 def test_pairs_keep_their_segment_ids(tiny_model_dir: Path) -> None:
     """transformers 5 drops token_type_ids unless asked; BERT pairs need them."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    (example,) = train.encode(tokenizer, [["映画の監督", "俳優について主演の公開が話題になっている。"]], 64, token_type_ids=True)
+    example = tokenization.encode_slow(tokenizer, [["映画の監督", "俳優について主演の公開が話題になっている。"]], 64, token_type_ids=True).example(0)
     types = example["token_type_ids"]
     first_sep = example["input_ids"].index(tokenizer.sep_token_id)
     assert types == [0] * (first_sep + 1) + [1] * (len(types) - first_sep - 1)
-    assert train.wants_token_type_ids(BertConfig(type_vocab_size=2), ["title", "body"])
-    assert not train.wants_token_type_ids(BertConfig(type_vocab_size=1), ["title", "body"])  # RoBERTa-like
-    assert not train.wants_token_type_ids(BertConfig(type_vocab_size=2), ["text"])
+    assert tokenization.wants_token_type_ids(BertConfig(type_vocab_size=2), ["title", "body"])
+    assert not tokenization.wants_token_type_ids(BertConfig(type_vocab_size=1), ["title", "body"])  # RoBERTa-like
+    assert not tokenization.wants_token_type_ids(BertConfig(type_vocab_size=2), ["text"])
 
 
 def test_only_the_body_is_truncated(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     title, body = "映画の監督", "俳優について主演の公開が話題になっている。" * 40
-    (example,) = train.encode(tokenizer, [[title, body]], 32, token_type_ids=True)
+    example = tokenization.encode_slow(tokenizer, [[title, body]], 32, token_type_ids=True).example(0)
     assert len(example["input_ids"]) == 32
     title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
     assert example["input_ids"][1 : 1 + len(title_ids)] == title_ids
@@ -244,12 +244,6 @@ def test_collate_pads_to_the_longest_of_the_batch() -> None:
     assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [1, 4]
-
-
-def test_parallel_tokenisation_equals_serial(tiny_model_dir: Path, dataset_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = [[r["title"], r["body"]] for r in utils.load_jsonl(dataset_dir / "all.jsonl")]
-    assert train.encode_parallel(tokenizer, texts, 64, True, num_workers=2) == train.encode(tokenizer, texts, 64, True)
 
 
 def test_single_text_field(make_train_args, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@
 
 A benchmark, not a test (pytest does not collect it). For one model on the current device it measures:
 
-1. tokenisation of the train split with train.tokenize_split (worker processes of train.encode_parallel);
+1. tokenisation of the train split with tokenization.tokenize_splits as train.main calls it, without its cache
+   (worker processes of tokenization.encode_parallel; tests/benchmarks/bench_tokenize.py compares the paths and the cache);
 2. the model-only step: batches collated (train.collate) and moved to the device before timing, then
    train.accumulate_gradients + gradient clipping + AdamW step + zero_grad + scheduler step, with the
    autocast/GradScaler settings of train.main; warm-up steps untimed; the device synchronised around the clock;
@@ -53,6 +54,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from transformers.optimization import get_linear_schedule_with_warmup  # noqa: E402
 
 import prepare  # noqa: E402
+import tokenization  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 from fake_corpus import write_corpus  # noqa: E402
@@ -176,18 +178,21 @@ def peak_memory(device: torch.device, rss_at_start: int) -> dict[str, Any]:
 
 
 def tokenizer_processes(num_workers: int) -> str:
-    workers = train.tokenizer_workers(num_workers)
-    return "1 process" if workers == 1 else f"up to {workers} processes (train.encode_parallel)"
+    workers = tokenization.tokenizer_workers(num_workers)
+    return "1 process" if workers == 1 else f"up to {workers} processes (tokenization.encode_parallel)"
 
 
 def measure_tokenisation(train_argv: list[str], rows: list[dict], path: Path, label2id: dict[str, int]) -> tuple[list[dict], dict[str, Any]]:
     """Tokenise the train split as train.main does; return the examples and the timing."""
     args = train.Args().parse_args(train_argv)
     tokenizer, model = train.load_model(args.model_name, label2id)  # its clear error for a model that does not load
-    token_type_ids = train.wants_token_type_ids(model.config, args.text_fields)
+    token_type_ids = tokenization.wants_token_type_ids(model.config, args.text_fields)
     del model
     start = time.perf_counter()
-    examples = train.tokenize_split(rows, tokenizer, args, token_type_ids, path)
+    examples = tokenization.tokenize_splits(
+        {"train": rows}, {"train": path}, tokenizer, text_fields=args.text_fields, max_seq_len=args.max_seq_len,
+        token_type_ids=token_type_ids, slow=args.slow_tokenizer, num_workers=args.num_workers, cache_dir=None, log=print,
+    )["train"]
     seconds = time.perf_counter() - start
     tokens = sum(len(e["input_ids"]) for e in examples)
     return examples, {
@@ -368,7 +373,7 @@ def report(args: Args, info: dict[str, Any], tokenised: dict[str, Any], model_on
         f"data:     {info['dataset']}; body x{info['repeat_body']}; {info['num_examples']} train examples, batch {args.batch_size}, "
         f"max_seq_len {args.max_seq_len}: {info['mean_tokens']:.0f} tokens/example on average, {info['truncated']:.0%} truncated, "
         f"{model_only['padding_fraction']:.1%} of the batches' positions are padding",
-        f"tokenise: {tokenised['examples']} examples in {tokenised['seconds']:.2f} s by train.tokenize_split, {tokenised['processes']}",
+        f"tokenise: {tokenised['examples']} examples in {tokenised['seconds']:.2f} s by tokenization.tokenize_splits, {tokenised['processes']}",
         "",
         *lines,
         "",
@@ -414,7 +419,7 @@ def main(args: Args) -> None:
             "--model_name", model_name, "--dataset_dir", str(subset), "--output_root", str(work_dir / "outputs"),
             "--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len), "--epochs", str(args.epochs),
             "--num_warmup_epochs", "1", "--device", args.device, "--dtype", args.dtype, "--num_workers", str(args.num_workers),
-            "--seed", str(args.seed), *(["--compile"] if args.compile else []),
+            "--seed", str(args.seed), "--tokenized_cache", "off", *(["--compile"] if args.compile else []),
         ]  # fmt: skip
 
         print(f"tokenising {len(rows['train'])} train examples ...", flush=True)
