@@ -206,6 +206,7 @@ def info(message: str) -> None:
 def main(args: Args) -> list[dict]:
     """Read the input, classify every row, write the predictions; return them."""
     transformers.utils.logging.disable_progress_bar()
+    torch.set_float32_matmul_precision("high")  # as in training (train.py): TF32 on GPUs that have it
 
     # The device, the model folder and the input are checked before any weights are loaded.
     device = train.resolve_device(args.device)

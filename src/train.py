@@ -54,11 +54,11 @@ class Args(Tap):
     eval_batch_size: int = 32  # examples per forward pass in evaluation
     epochs: int = 20  # passes over the training set
     lr: float = 3e-5  # peak learning rate of AdamW
-    num_warmup_epochs: int = 2  # epochs of linear warm-up; the learning rate then decays linearly to 0
+    num_warmup_epochs: int = 2  # epochs of linear warm-up; the learning rate then decays linearly to 0 (longer than --epochs: the peak --lr is never reached)
     max_seq_len: int = 512  # tokens per example, [CLS] and [SEP]s included
     weight_decay: float = 0.01  # AdamW weight decay for matrices (biases and norm weights get none)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this x devices)
-    max_grad_norm: float = 1.0  # clip the gradient norm to this (0 disables clipping)
+    max_grad_norm: float = 0.0  # clip the gradient norm to this; 0 (the default, as in the reference): no clipping
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30%% slower
 
     device: str = "auto"  # auto (cuda, else mps, else cpu), or a torch device such as cpu, cuda:1, mps
@@ -74,8 +74,10 @@ class Args(Tap):
                 self.error(f"--{name} must be at least 1")
         if not 1 <= len(self.text_fields) <= 2:
             self.error("--text_fields takes one field (a single text) or two (a pair)")
-        if self.num_warmup_epochs > self.epochs:
-            self.error("--num_warmup_epochs cannot exceed --epochs")
+        if self.num_warmup_epochs < 0:
+            self.error("--num_warmup_epochs cannot be negative")
+        if self.max_grad_norm < 0:
+            self.error("--max_grad_norm cannot be negative (0 disables clipping)")
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -393,6 +395,7 @@ def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, devi
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(dtype).removeprefix("torch."),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "world_size": world_size,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -489,6 +492,8 @@ class TrainingError(InputError):
 def main(args: Args) -> Path:
     """Fine-tune, evaluate, write the run folder; return its path."""
     transformers.utils.logging.disable_progress_bar()
+    # As the reference's utils.init: fp32 matrix products may use TF32 on GPUs that have it (Ampere and later).
+    torch.set_float32_matmul_precision("high")
     device = resolve_device(args.device)
     rank, world_size = init_distributed(device)
     if device.type == "cuda":
@@ -548,6 +553,11 @@ def main(args: Args) -> Path:
         f"effective batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation x {world_size} process(es) = "
         f"{args.batch_size * args.gradient_accumulation_steps * world_size}; {steps_per_epoch} optimizer steps per epoch"
     )
+    if args.num_warmup_epochs > args.epochs:
+        log(
+            f"note: the warm-up ({args.num_warmup_epochs} epochs) is longer than the training ({args.epochs}): "
+            f"the learning rate rises all along and never reaches its peak --lr {args.lr}"
+        )
 
     def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
         return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
