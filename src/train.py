@@ -84,19 +84,18 @@ class Args(Tap):
 
 
 def load_split(dataset_dir: Path, split: str, text_fields: Sequence[str], num_labels: int) -> list[dict]:
-    """Rows of SPLIT.jsonl, checked: every row has an id, the text fields and a known label."""
+    """Rows of SPLIT.jsonl, checked: every row has an id, the text fields as strings and a known label."""
     path = dataset_dir / f"{split}.jsonl"
     if not path.is_file():
         raise InputError(f"{path} not found: run `poetry run python src/prepare.py` first (or see README for other datasets)")
     rows = utils.load_jsonl(path)
     if not rows:
         raise InputError(f"{path} is empty")
+    utils.check_rows(rows, text_fields, str(path), other_fields=("id", "label"))
     for line_no, row in enumerate(rows, start=1):
-        missing = [field for field in ("id", "label", *text_fields) if field not in row]
-        if missing:
-            raise InputError(f"{path}: line {line_no}: missing field(s) {', '.join(missing)}")
-        if not isinstance(row["label"], int) or not 0 <= row["label"] < num_labels:
-            raise InputError(f"{path}: line {line_no}: label {row['label']!r} is not an id of label2id.json (0-{num_labels - 1})")
+        # bool is an int in Python, but true is not label 1.
+        if isinstance(row["label"], bool) or not isinstance(row["label"], int) or not 0 <= row["label"] < num_labels:
+            raise InputError(f"{path}: line {line_no}: label {utils.to_json(row['label'])} is not an id of label2id.json (0-{num_labels - 1})")
     return rows
 
 

@@ -9,7 +9,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,22 @@ def load_jsonl(path: Path) -> list[dict]:
             if not isinstance(row, dict):
                 raise InputError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+    return rows
+
+
+def check_rows(rows: list[dict], text_fields: Sequence[str], source: str, other_fields: Sequence[str] = (), hint: str = "") -> list[dict]:
+    """Every row has `other_fields` and each text field, and every text field is a string.
+
+    JSON null, numbers and true/false are refused rather than turned into the text "None" or "1".
+    `hint` follows the list of missing fields (what the reader needs them for).
+    """
+    for line_no, row in enumerate(rows, start=1):
+        missing = [field for field in (*other_fields, *text_fields) if field not in row]
+        if missing:
+            raise InputError(f"{source}: line {line_no}: missing field(s) {', '.join(missing)}{hint}")
+        for field in text_fields:
+            if not isinstance(row[field], str):
+                raise InputError(f"{source}: line {line_no}: {field} must be a string, got {to_json(row[field])}")
     return rows
 
 
