@@ -35,7 +35,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from tap import Tap
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm, trange
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.optimization import get_linear_schedule_with_warmup
 
 import utils
@@ -232,6 +232,22 @@ def load_model(model_name: str, label2id: dict[str, int]) -> tuple[PreTrainedTok
     return tokenizer, model
 
 
+def count_encoder_params(model: PreTrainedModel) -> int:
+    """Parameters of the encoder alone, as AutoModel loads it: the reference's Params column.
+
+    No classification head, but the pooler that some heads leave out of model.base_model
+    (XLM-R's: 559 M with it, 558 M without). Built from the config on the meta device, so no
+    memory is used and no weights are read; an architecture AutoModel does not know falls back
+    to model.base_model.
+    """
+    try:
+        with torch.device("meta"):
+            encoder = AutoModel.from_config(model.config)
+    except (ValueError, KeyError):
+        encoder = model.base_model
+    return sum(p.numel() for p in encoder.parameters())
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], str]:
     """Decay matrices only: biases and LayerNorm weights (every tensor with fewer than 2 dims) get none.
 
@@ -387,7 +403,7 @@ def args_to_json(args: Args) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, Path) else value for key, value in args.as_dict().items()}
 
 
-def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, device: torch.device, dtype: torch.dtype, world_size: int) -> dict:
+def run_config(args: Args, num_params: int, num_encoder_params: int, num_labels: int, run_dir: Path, device: torch.device, dtype: torch.dtype, world_size: int) -> dict:
     """Every argument with its JSON type, plus what is needed to read the run later."""
     config = args_to_json(args)
     environment = {
@@ -402,7 +418,7 @@ def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, devi
         "git_commit": git_commit(),
         "started_at": datetime.now().isoformat(timespec="seconds"),
     }
-    return {**config, "num_params": num_params, "num_labels": num_labels, "run_dir": str(run_dir), "environment": environment}
+    return {**config, "num_params": num_params, "num_encoder_params": num_encoder_params, "num_labels": num_labels, "run_dir": str(run_dir), "environment": environment}
 
 
 def append_log(path: Path, row: dict) -> None:
@@ -507,11 +523,12 @@ def main(args: Args) -> Path:
 
     tokenizer, model = load_model(args.model_name, label2id)
     num_params = sum(p.numel() for p in model.parameters())
+    num_encoder_params = count_encoder_params(model)  # without the head, as the reference's table counts
 
     # The settings are on disk before any training: a crashed run still says what it was.
     run_dir = broadcast(make_run_dir(args.output_root, args.model_name) if rank == 0 else None, world_size)
     if rank == 0:
-        utils.save_json(run_config(args, num_params, len(label2id), run_dir, device, dtype, world_size), run_dir / "config.json")
+        utils.save_json(run_config(args, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size), run_dir / "config.json")
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
 
