@@ -17,10 +17,10 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from datetime import datetime
-from functools import partial
+from functools import partial, wraps
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
@@ -387,7 +387,11 @@ def make_run_dir(output_root: Path, model_name: str) -> Path:
             run_dir.mkdir(parents=True, exist_ok=False)
             return run_dir
         except FileExistsError:
-            continue
+            if run_dir.is_dir():  # another run started in the same microsecond: take the next one
+                continue
+            raise InputError(f"cannot create the run folder {run_dir} (a file is in the way): pass another --output_root") from None
+        except OSError as e:  # not a folder, no permission, disk full
+            raise InputError(f"cannot create the run folder {run_dir} ({e.strerror}): pass a writable --output_root") from None
 
 
 def git_commit() -> str | None:
@@ -483,13 +487,45 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
 
 
-def broadcast(value: Any, world_size: int) -> Any:
-    """Rank 0's value on every process."""
+def on_rank_0(work: Callable[[], Any], rank: int, world_size: int) -> Any:
+    """work() on rank 0 only (writing the run folder); its result, or its failure, on every rank.
+
+    Without this, a rank 0 that fails here alone would leave the other ranks waiting in their next
+    collective. Rank 0 raises its own error; the others raise an InputError with its message, so
+    that every process ends in one line.
+    """
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:
+            if world_size == 1:
+                raise
+            error = e
     if world_size == 1:
-        return value
-    box = [value]
+        return result
+    message = None if error is None else str(error) if isinstance(error, InputError) else f"rank 0 failed: {type(error).__name__}: {error}"
+    box = [result, message]
     dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise InputError(box[1])
     return box[0]
+
+
+def leaves_process_group(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Destroy the process group when `main` ends, whether it returns or raises, so no rank leaves it dangling."""
+
+    @wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    return wrapper
 
 
 def log(message: str) -> None:
@@ -504,6 +540,7 @@ class TrainingError(InputError):
 # --- the experiment ---------------------------------------------------------------------------
 
 
+@leaves_process_group
 def main(args: Args) -> Path:
     """Fine-tune, evaluate, write the run folder; return its path."""
     transformers.utils.logging.disable_progress_bar()
@@ -526,9 +563,12 @@ def main(args: Args) -> Path:
     num_encoder_params = count_encoder_params(model)  # without the head, as the reference's table counts
 
     # The settings are on disk before any training: a crashed run still says what it was.
-    run_dir = broadcast(make_run_dir(args.output_root, args.model_name) if rank == 0 else None, world_size)
-    if rank == 0:
+    def start_run_folder() -> Path:
+        run_dir = make_run_dir(args.output_root, args.model_name)
         utils.save_json(run_config(args, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size), run_dir / "config.json")
+        return run_dir
+
+    run_dir = on_rank_0(start_run_folder, rank, world_size)
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
 
@@ -579,8 +619,8 @@ def main(args: Args) -> Path:
         return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
 
     def log_evaluation(epoch: int, train_loss: float, metrics: dict[str, float], seconds: float, throughput: dict[str, float]) -> None:
-        if rank == 0:
-            append_log(run_dir / "log.csv", {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": scheduler.get_last_lr()[0], "seconds": seconds, **throughput})
+        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": scheduler.get_last_lr()[0], "seconds": seconds, **throughput}
+        on_rank_0(lambda: append_log(run_dir / "log.csv", row), rank, world_size)
         log(
             f"epoch {epoch:>3}  train_loss {train_loss:.4f}  val: loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
             f"f1 {metrics['f1']:.4f}"
@@ -629,18 +669,17 @@ def main(args: Args) -> Path:
     model.load_state_dict(best_state)
     val_metrics, _ = evaluate_split("val")
     test_metrics, test_predictions = evaluate_split("test")
-    if rank == 0:
+    def write_results() -> None:
         utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
         write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
         if args.save_model:
             save_model(model, tokenizer, run_dir / "model", args)
         utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
+
+    on_rank_0(write_results, rank, world_size)
     log(f"best epoch {best_epoch}: val f1 {val_metrics['f1']:.4f}, test f1 {test_metrics['f1']:.4f}, test accuracy {test_metrics['accuracy']:.4f}")
     log(f"wrote {run_dir}")
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return run_dir
+    return run_dir  # @leaves_process_group leaves the process group
 
 
 if __name__ == "__main__":
