@@ -53,6 +53,7 @@ NOT_SETTING_FIELDS = frozenset(
         "tokenized_cache_dir",
         # run facts, measured rather than chosen
         "num_params",
+        "num_encoder_params",
         "num_labels",
         "environment",
     ]
@@ -67,6 +68,8 @@ CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
     "dataset_dir": (str,),
     "num_params": (int,),
 }
+# Optional fields (absent from runs of older train.py versions) with the JSON types they must have.
+OPTIONAL_CONFIG_FIELDS: dict[str, tuple[type, ...]] = {"num_encoder_params": (int,)}
 VAL_FIELDS: dict[str, tuple[type, ...]] = {"best-epoch": (int,), **{m: NUMBER for m in METRICS}}
 TEST_FIELDS: dict[str, tuple[type, ...]] = {m: NUMBER for m in METRICS}
 
@@ -94,8 +97,10 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "test-metrics.json").is_file()
 
 
-def read_json_object(run_dir: Path, name: str, fields: dict[str, tuple[type, ...]]) -> dict[str, Any]:
-    """One JSON object of a run folder, checked for the fields it must have; InputError says what is wrong."""
+def read_json_object(
+    run_dir: Path, name: str, fields: dict[str, tuple[type, ...]], optional: dict[str, tuple[type, ...]] | None = None
+) -> dict[str, Any]:
+    """One JSON object of a run folder, checked for the fields it must have (and the types of `optional` ones it may have)."""
     path = run_dir / name
     if not path.is_file():
         raise utils.InputError(f"{name} is missing")
@@ -109,7 +114,7 @@ def read_json_object(run_dir: Path, name: str, fields: dict[str, tuple[type, ...
     missing = [key for key in fields if key not in data]
     if missing:
         raise utils.InputError(f"{name}: missing {', '.join(missing)}")
-    for key, types in fields.items():
+    for key, types in {**fields, **{k: t for k, t in (optional or {}).items() if k in data}}.items():
         # bool is an int in Python, but true/false is never a valid score or count.
         if isinstance(data[key], bool) or not isinstance(data[key], types):
             expected = " or ".join(t.__name__ for t in types)
@@ -120,11 +125,12 @@ def read_json_object(run_dir: Path, name: str, fields: dict[str, tuple[type, ...
 def load_run(
     run_dir: Path,
     config_fields: dict[str, tuple[type, ...]] = CONFIG_FIELDS,
+    optional_config_fields: dict[str, tuple[type, ...]] = OPTIONAL_CONFIG_FIELDS,
     val_fields: dict[str, tuple[type, ...]] = VAL_FIELDS,
     test_fields: dict[str, tuple[type, ...]] = TEST_FIELDS,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """config, val metrics and test metrics of a finished run; InputError says what is wrong."""
-    config = read_json_object(run_dir, "config.json", config_fields)
+    config = read_json_object(run_dir, "config.json", config_fields, optional_config_fields)
     val = read_json_object(run_dir, "val-metrics.json", val_fields)
     test = read_json_object(run_dir, "test-metrics.json", test_fields)
     return config, val, test
@@ -147,6 +153,8 @@ def run_row(
         "best-val-f1": val["f1"],
         **{metric: test[metric] for metric in metrics},
         "num_params": config["num_params"],
+        # The encoder without the head, as the reference's table counts; older runs recorded only the total.
+        "num_encoder_params": config.get("num_encoder_params", config["num_params"]),
         "run_dir": str(run_dir),
     }
 
@@ -197,6 +205,7 @@ def summarize_settings(runs: pd.DataFrame, keys: list[str], scores: tuple[str, .
     """
     aggregations: dict[str, tuple[str, str]] = {
         "num_params": ("num_params", "first"),
+        "num_encoder_params": ("num_encoder_params", "first"),
         "n_runs": ("f1", "size"),
         "best-val-f1": ("best-val-f1", "mean"),
         "loss": ("loss", "mean"),
@@ -230,9 +239,11 @@ def is_hub_id(model_name: str, pattern: re.Pattern[str] = HUB_ID) -> bool:
 
 
 def format_params(num_params: int) -> str:
-    """Parameters in millions, as the reference prints them: 111 M (small test models keep 2 digits: 1.2 M)."""
-    millions = num_params / 1e6
-    return f"{millions:.0f} M" if millions >= 10 else f"{millions:.2g} M"
+    """Parameters in whole millions, rounded down as the reference prints them: 559,890,432 is 559 M.
+
+    Small test models keep 2 significant digits (1.2 M) instead of showing 0 M.
+    """
+    return f"{num_params // 1_000_000} M" if num_params >= 10_000_000 else f"{num_params / 1e6:.2g} M"
 
 
 def format_score(mean: float, std: float, n_runs: int, bold: bool = False) -> str:
@@ -259,7 +270,7 @@ def markdown_table(best: pd.DataFrame, scores: tuple[str, ...] = SCORES) -> str:
             format_score(row[s], row[f"{s}_std"], row["n_runs"], bold=(s == "f1" and row["f1"] == best_f1))
             for s in scores
         ]
-        lines.append(f"| {model} | {format_params(row['num_params'])} | {' | '.join(cells)} | {row['n_runs']} |")
+        lines.append(f"| {model} | {format_params(row['num_encoder_params'])} | {' | '.join(cells)} | {row['n_runs']} |")
     return "\n".join(lines) + "\n"
 
 

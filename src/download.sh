@@ -17,7 +17,8 @@
 set -euo pipefail
 
 URL="${LIVEDOOR_URL:-https://www.rondhuit.com/download/ldcc-20140209.tar.gz}"
-SHA256="${LIVEDOOR_SHA256:-b17606ed8c670013a3809100a9e6104701baab62cc019abc262111bd2acf1063}"
+# Lower case, as sha256sum prints it (tr, not ${VAR,,}: macOS ships bash 3.2, and this script runs on it).
+SHA256=$(printf '%s' "${LIVEDOOR_SHA256:-b17606ed8c670013a3809100a9e6104701baab62cc019abc262111bd2acf1063}" | tr '[:upper:]' '[:lower:]')
 DATA_DIR=data
 ARCHIVE="$DATA_DIR/ldcc-20140209.tar.gz"
 CATEGORIES=(dokujo-tsushin it-life-hack kaden-channel livedoor-homme movie-enter
@@ -52,7 +53,7 @@ sha256_of() {
 verify() {
   local file=$1 owned=$2 actual hint=""
   actual=$(sha256_of "$file")
-  [[ $actual == "${SHA256,,}" ]] && return 0
+  [[ $actual == "$SHA256" ]] && return 0
   if [[ $owned == yes ]]; then
     rm -f -- "$file"
     hint=" Deleted it so that a rerun downloads it again."

@@ -107,22 +107,10 @@ def load_model(model_dir: Path, config: PretrainedConfig) -> tuple[transformers.
 # --- input ------------------------------------------------------------------------------------
 
 
-def check_rows(rows: list[dict], text_fields: Sequence[str], source: str) -> list[dict]:
-    """Every row has each text field, as a string."""
-    for line_no, row in enumerate(rows, start=1):
-        missing = [field for field in text_fields if field not in row]
-        if missing:
-            raise InputError(f"{source}: line {line_no}: missing field(s) {', '.join(missing)} (the model reads {', '.join(text_fields)})")
-        for field in text_fields:
-            if not isinstance(row[field], str):
-                raise InputError(f"{source}: line {line_no}: {field} must be a string, got {utils.to_json(row[field])}")
-    return rows
-
-
 def read_jsonl(path: Path, text_fields: Sequence[str]) -> list[dict]:
     if not path.is_file():
         raise InputError(f"{path} not found")
-    return check_rows(utils.load_jsonl(path), text_fields, str(path))
+    return utils.check_rows(utils.load_jsonl(path), text_fields, str(path), hint=f" (the model reads {', '.join(text_fields)})")
 
 
 def parse_line(line: str, text_fields: Sequence[str]) -> dict[str, str]:
@@ -215,6 +203,7 @@ def info(message: str) -> None:
 def main(args: Args) -> list[dict]:
     """Read the input, classify every row, write the predictions; return them."""
     transformers.utils.logging.disable_progress_bar()
+    torch.set_float32_matmul_precision("high")  # as in training (train.py): TF32 on GPUs that have it
 
     # The device, the model folder and the input are checked before any weights are loaded.
     device = train.resolve_device(args.device)

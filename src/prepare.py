@@ -70,26 +70,37 @@ def parse_article(path: Path, category: str) -> dict:
     return {"category": category, "category-id": path.stem, "url": url, "date": date, "title": title, "body": body}
 
 
-def list_articles(input_dir: Path) -> tuple[list[Path], list[Path]]:
-    """Return (article files, other files) in sorted order, so the split is the same on every OS.
+def is_hidden(path: Path) -> bool:
+    """Names starting with "." (.ipynb_checkpoints, .DS_Store, editor backups) are never corpus entries."""
+    return path.name.startswith(".")
+
+
+def list_articles(input_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """Return (article files, other files, hidden entries) in sorted order, so the split is the same on every OS.
 
     Articles are <category>/*.txt; each category's LICENSE.txt and anything else is not an article.
+    Hidden folders are not categories and hidden files are not articles (Jupyter, Finder and editors
+    leave them behind).
     """
     if not input_dir.is_dir():
         raise InputError(f"{input_dir} does not exist: run `bash src/download.sh` first")
-    category_dirs = sorted(d for d in input_dir.iterdir() if d.is_dir())
+    entries = sorted(input_dir.iterdir())
+    hidden = [entry for entry in entries if is_hidden(entry)]
+    category_dirs = [d for d in entries if d.is_dir() and not is_hidden(d)]
     if not category_dirs:
         raise InputError(f"{input_dir} holds no category folders: run `bash src/download.sh` first")
 
     articles, others = [], []
     for category_dir in category_dirs:
         files = sorted(category_dir.iterdir())
+        hidden += [f for f in files if is_hidden(f)]
+        files = [f for f in files if not is_hidden(f)]
         found = [f for f in files if f.suffix == ".txt" and f.name != "LICENSE.txt" and f.is_file()]
         if not found:
             raise InputError(f"{category_dir}: no article files (*.txt); is the corpus complete? Run `bash src/download.sh`")
         articles += found
         others += sorted(set(files) - set(found))
-    return articles, others
+    return articles, others, hidden
 
 
 def split_parts(rows: list[dict], num_parts: int = NUM_PARTS) -> list[list[dict]]:
@@ -125,9 +136,12 @@ def summary_table(splits: dict[str, list[dict]], categories: list[str]) -> str:
 
 
 def main(args: Args) -> None:
-    paths, others = list_articles(args.input_dir)
+    paths, others, hidden = list_articles(args.input_dir)
     if others:
         print(f"not articles, skipped: {len(others)} files ({', '.join(sorted({p.name for p in others})[:5])}, ...)")
+    if hidden:
+        names = [str(p.relative_to(args.input_dir)) + ("/" if p.is_dir() else "") for p in hidden]
+        print(f"hidden, skipped: {len(hidden)} entries ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
     articles = [parse_article(path, category=path.parent.name) for path in paths]
 
     # Sorted category names give the reference's ids (dokujo-tsushin 0 ... topic-news 8).

@@ -17,10 +17,10 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from datetime import datetime
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +34,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from tap import Tap
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm, trange
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.optimization import get_linear_schedule_with_warmup
 
 import plot
@@ -55,11 +55,11 @@ class Args(Tap):
     eval_batch_size: int = 32  # examples per forward pass in evaluation
     epochs: int = 20  # passes over the training set
     lr: float = 3e-5  # peak learning rate of AdamW
-    num_warmup_epochs: int = 2  # epochs of linear warm-up; the learning rate then decays linearly to 0
+    num_warmup_epochs: int = 2  # epochs of linear warm-up; the learning rate then decays linearly to 0 (longer than --epochs: the peak --lr is never reached)
     max_seq_len: int = 512  # tokens per example, [CLS] and [SEP]s included
     weight_decay: float = 0.01  # AdamW weight decay for matrices (biases and norm weights get none)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this x devices)
-    max_grad_norm: float = 1.0  # clip the gradient norm to this (0 disables clipping)
+    max_grad_norm: float = 0.0  # clip the gradient norm to this; 0 (the default, as in the reference): no clipping
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30%% slower
 
     device: str = "auto"  # auto (cuda, else mps, else cpu), or a torch device such as cpu, cuda:1, mps
@@ -78,27 +78,28 @@ class Args(Tap):
                 self.error(f"--{name} must be at least 1")
         if not 1 <= len(self.text_fields) <= 2:
             self.error("--text_fields takes one field (a single text) or two (a pair)")
-        if self.num_warmup_epochs > self.epochs:
-            self.error("--num_warmup_epochs cannot exceed --epochs")
+        if self.num_warmup_epochs < 0:
+            self.error("--num_warmup_epochs cannot be negative")
+        if self.max_grad_norm < 0:
+            self.error("--max_grad_norm cannot be negative (0 disables clipping)")
 
 
 # --- data -------------------------------------------------------------------------------------
 
 
 def load_split(dataset_dir: Path, split: str, text_fields: Sequence[str], num_labels: int) -> list[dict]:
-    """Rows of SPLIT.jsonl, checked: every row has an id, the text fields and a known label."""
+    """Rows of SPLIT.jsonl, checked: every row has an id, the text fields as strings and a known label."""
     path = dataset_dir / f"{split}.jsonl"
     if not path.is_file():
         raise InputError(f"{path} not found: run `poetry run python src/prepare.py` first (or see README for other datasets)")
     rows = utils.load_jsonl(path)
     if not rows:
         raise InputError(f"{path} is empty")
+    utils.check_rows(rows, text_fields, str(path), other_fields=("id", "label"))
     for line_no, row in enumerate(rows, start=1):
-        missing = [field for field in ("id", "label", *text_fields) if field not in row]
-        if missing:
-            raise InputError(f"{path}: line {line_no}: missing field(s) {', '.join(missing)}")
-        if not isinstance(row["label"], int) or not 0 <= row["label"] < num_labels:
-            raise InputError(f"{path}: line {line_no}: label {row['label']!r} is not an id of label2id.json (0-{num_labels - 1})")
+        # bool is an int in Python, but true is not label 1.
+        if isinstance(row["label"], bool) or not isinstance(row["label"], int) or not 0 <= row["label"] < num_labels:
+            raise InputError(f"{path}: line {line_no}: label {utils.to_json(row['label'])} is not an id of label2id.json (0-{num_labels - 1})")
     return rows
 
 
@@ -169,6 +170,22 @@ def load_model(model_name: str, label2id: dict[str, int]) -> tuple[PreTrainedTok
             f"in the Hugging Face cache load; or pass a local folder saved with save_pretrained: --model_name path/to/model"
         ) from None
     return tokenizer, model
+
+
+def count_encoder_params(model: PreTrainedModel) -> int:
+    """Parameters of the encoder alone, as AutoModel loads it: the reference's Params column.
+
+    No classification head, but the pooler that some heads leave out of model.base_model
+    (XLM-R's: 559 M with it, 558 M without). Built from the config on the meta device, so no
+    memory is used and no weights are read; an architecture AutoModel does not know falls back
+    to model.base_model.
+    """
+    try:
+        with torch.device("meta"):
+            encoder = AutoModel.from_config(model.config)
+    except (ValueError, KeyError):
+        encoder = model.base_model
+    return sum(p.numel() for p in encoder.parameters())
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], str]:
@@ -310,7 +327,11 @@ def make_run_dir(output_root: Path, model_name: str) -> Path:
             run_dir.mkdir(parents=True, exist_ok=False)
             return run_dir
         except FileExistsError:
-            continue
+            if run_dir.is_dir():  # another run started in the same microsecond: take the next one
+                continue
+            raise InputError(f"cannot create the run folder {run_dir} (a file is in the way): pass another --output_root") from None
+        except OSError as e:  # not a folder, no permission, disk full
+            raise InputError(f"cannot create the run folder {run_dir} ({e.strerror}): pass a writable --output_root") from None
 
 
 def git_commit() -> str | None:
@@ -334,7 +355,7 @@ def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
     return {key: environ[name] for key, name in names.items() if name in environ}
 
 
-def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, device: torch.device, dtype: torch.dtype, world_size: int) -> dict:
+def run_config(args: Args, num_params: int, num_encoder_params: int, num_labels: int, run_dir: Path, device: torch.device, dtype: torch.dtype, world_size: int) -> dict:
     """Every argument with its JSON type, plus what is needed to read the run later.
 
     The process count is a setting, not an environment detail: it multiplies the effective batch
@@ -345,6 +366,7 @@ def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, devi
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(dtype).removeprefix("torch."),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "world_size": world_size,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -353,7 +375,10 @@ def run_config(args: Args, num_params: int, num_labels: int, run_dir: Path, devi
         "started_at": datetime.now().isoformat(timespec="seconds"),
         "slurm": slurm_ids(os.environ),
     }
-    return {**config, "world_size": world_size, "num_params": num_params, "num_labels": num_labels, "run_dir": str(run_dir), "environment": environment}
+    return {
+        **config, "world_size": world_size, "num_params": num_params, "num_encoder_params": num_encoder_params,
+        "num_labels": num_labels, "run_dir": str(run_dir), "environment": environment,
+    }  # fmt: skip
 
 
 def append_log(path: Path, row: dict) -> None:
@@ -418,13 +443,45 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
 
 
-def broadcast(value: Any, world_size: int) -> Any:
-    """Rank 0's value on every process."""
+def on_rank_0(work: Callable[[], Any], rank: int, world_size: int) -> Any:
+    """work() on rank 0 only (writing the run folder); its result, or its failure, on every rank.
+
+    Without this, a rank 0 that fails here alone would leave the other ranks waiting in their next
+    collective. Rank 0 raises its own error; the others raise an InputError with its message, so
+    that every process ends in one line.
+    """
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:
+            if world_size == 1:
+                raise
+            error = e
     if world_size == 1:
-        return value
-    box = [value]
+        return result
+    message = None if error is None else str(error) if isinstance(error, InputError) else f"rank 0 failed: {type(error).__name__}: {error}"
+    box = [result, message]
     dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise InputError(box[1])
     return box[0]
+
+
+def leaves_process_group(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Destroy the process group when `main` ends, whether it returns or raises, so no rank leaves it dangling."""
+
+    @wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    return wrapper
 
 
 def log(message: str) -> None:
@@ -439,9 +496,12 @@ class TrainingError(InputError):
 # --- the experiment ---------------------------------------------------------------------------
 
 
+@leaves_process_group
 def main(args: Args) -> Path:
     """Fine-tune, evaluate, write the run folder; return its path."""
     transformers.utils.logging.disable_progress_bar()
+    # As the reference's utils.init: fp32 matrix products may use TF32 on GPUs that have it (Ampere and later).
+    torch.set_float32_matmul_precision("high")
     device = resolve_device(args.device)
     rank, world_size = init_distributed(device)
     if device.type == "cuda":
@@ -456,11 +516,15 @@ def main(args: Args) -> Path:
 
     tokenizer, model = load_model(args.model_name, label2id)
     num_params = sum(p.numel() for p in model.parameters())
+    num_encoder_params = count_encoder_params(model)  # without the head, as the reference's table counts
 
     # The settings are on disk before any training: a crashed run still says what it was.
-    run_dir = broadcast(make_run_dir(args.output_root, args.model_name) if rank == 0 else None, world_size)
-    if rank == 0:
-        utils.save_json(run_config(args, num_params, len(label2id), run_dir, device, dtype, world_size), run_dir / "config.json")
+    def start_run_folder() -> Path:
+        run_dir = make_run_dir(args.output_root, args.model_name)
+        utils.save_json(run_config(args, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size), run_dir / "config.json")
+        return run_dir
+
+    run_dir = on_rank_0(start_run_folder, rank, world_size)
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
 
@@ -502,13 +566,18 @@ def main(args: Args) -> Path:
         f"effective batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation x {world_size} process(es) = "
         f"{args.batch_size * args.gradient_accumulation_steps * world_size}; {steps_per_epoch} optimizer steps per epoch"
     )
+    if args.num_warmup_epochs > args.epochs:
+        log(
+            f"note: the warm-up ({args.num_warmup_epochs} epochs) is longer than the training ({args.epochs}): "
+            f"the learning rate rises all along and never reaches its peak --lr {args.lr}"
+        )
 
     def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
         return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
 
     def log_evaluation(epoch: int, train_loss: float, metrics: dict[str, float], seconds: float, throughput: dict[str, float]) -> None:
-        if rank == 0:
-            append_log(run_dir / "log.csv", {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": scheduler.get_last_lr()[0], "seconds": seconds, **throughput})
+        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": scheduler.get_last_lr()[0], "seconds": seconds, **throughput}
+        on_rank_0(lambda: append_log(run_dir / "log.csv", row), rank, world_size)
         log(
             f"epoch {epoch:>3}  train_loss {train_loss:.4f}  val: loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
             f"f1 {metrics['f1']:.4f}"
@@ -557,7 +626,8 @@ def main(args: Args) -> Path:
     model.load_state_dict(best_state)
     val_metrics, _ = evaluate_split("val")
     test_metrics, test_predictions = evaluate_split("test")
-    if rank == 0:
+
+    def write_results() -> None:
         utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
         write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
         try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
@@ -568,12 +638,11 @@ def main(args: Args) -> Path:
         if args.save_model:
             save_model(model, tokenizer, run_dir / "model", args)
         utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
+
+    on_rank_0(write_results, rank, world_size)
     log(f"best epoch {best_epoch}: val f1 {val_metrics['f1']:.4f}, test f1 {test_metrics['f1']:.4f}, test accuracy {test_metrics['accuracy']:.4f}")
     log(f"wrote {run_dir}")
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return run_dir
+    return run_dir  # @leaves_process_group leaves the process group
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,39 @@ class InputError(Exception):
     """Bad input the user can fix; the scripts print its message and exit without a traceback."""
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS says it (Linux: /proc/self/status).
+
+    Elsewhere os.umask must set a value to return the old one: a short window in which another
+    thread creating a file would get the temporary mask.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk, so that a rename never publishes a file whose data was lost."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    A crash therefore never leaves a half-written file under the final name.
+    A crash therefore never leaves a half-written file under the final name. The file gets the
+    mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +62,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -44,22 +74,53 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; swap it into place only if the block succeeds.
 
     An existing folder at `path` is replaced as a whole, so readers see either the old
-    contents or the new ones, never a mixture.
+    contents or the new ones, never a mixture; if the swap fails half-way, the old folder is put
+    back. Its folders and files get the modes of a plain mkdir() and open() (0777 and 0666 less
+    the umask), not mkdtemp's private 0700 nor the 0600 that some writers (safetensors) use, and
+    the files written in it are on the disk before it appears.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        umask = current_umask()
+        os.chmod(tmp, 0o777 & ~umask)
+        for entry in tmp.rglob("*"):
+            if entry.is_symlink():
+                continue
+            if entry.is_dir():
+                os.chmod(entry, 0o777 & ~umask)
+            else:
+                executable = entry.stat().st_mode & 0o111
+                os.chmod(entry, (0o777 if executable else 0o666) & ~umask)
+                fsync_file(entry)
+        swap_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_into_place(new: Path, path: Path) -> None:
+    """Rename folder `new` to `path`, replacing a folder there; on failure, the old one is back at `path`."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    backup_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    backup = backup_dir / path.name
+    swapped = False
+    try:
+        os.replace(path, backup)
+        try:
+            os.replace(new, path)
+            swapped = True
+        except BaseException:
+            os.replace(backup, path)  # put the old folder back
+            raise
+    finally:
+        # backup_dir now holds the old folder after a swap (delete it), nothing once the old folder is
+        # back (delete it), or the old folder if it could not be put back (keep it: the only copy).
+        if swapped or not backup.exists():
+            shutil.rmtree(backup_dir, ignore_errors=True)
 
 
 def to_json(data: Any) -> str:
@@ -107,6 +168,22 @@ def load_jsonl(path: Path) -> list[dict]:
             if not isinstance(row, dict):
                 raise InputError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+    return rows
+
+
+def check_rows(rows: list[dict], text_fields: Sequence[str], source: str, other_fields: Sequence[str] = (), hint: str = "") -> list[dict]:
+    """Every row has `other_fields` and each text field, and every text field is a string.
+
+    JSON null, numbers and true/false are refused rather than turned into the text "None" or "1".
+    `hint` follows the list of missing fields (what the reader needs them for).
+    """
+    for line_no, row in enumerate(rows, start=1):
+        missing = [field for field in (*other_fields, *text_fields) if field not in row]
+        if missing:
+            raise InputError(f"{source}: line {line_no}: missing field(s) {', '.join(missing)}{hint}")
+        for field in text_fields:
+            if not isinstance(row[field], str):
+                raise InputError(f"{source}: line {line_no}: {field} must be a string, got {to_json(row[field])}")
     return rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -220,6 +221,59 @@ def test_checksum_mismatch_keeps_local_archive(cwd: Path, archive: tuple[Path, s
     assert "LIVEDOOR_SHA256" in result.stderr
     assert_no_corpus(cwd)
     assert path.exists() and sha256(path) == sha, "a user-supplied archive is never deleted"
+
+
+def test_an_upper_case_checksum_is_accepted(cwd: Path, archive: tuple[Path, str]) -> None:
+    path, sha = archive
+    result = run(cwd, str(path), sha=sha.upper())
+    assert result.returncode == 0, result.stderr
+    assert_corpus(cwd)
+
+
+# Syntax that macOS's bash 3.2 (/bin/bash) does not have: bash 4 and later only.
+BASH4_ONLY = {
+    "case modification ${x,,} ${x^^}": r"\$\{[^}]*(,|\^)\}",
+    "transformation ${x@Q}": r"\$\{[^}]*@[QEPAaKkULu]\}",
+    "associative array or nameref (declare -A, local -n)": r"\b(declare|local|typeset|readonly)\s+-\w*[An]",
+    "mapfile, readarray, coproc": r"\b(mapfile|readarray|coproc)\b",
+    "&>> redirection": r"&>>",
+    "|& pipe": r"\|&",
+    "case fall-through ;& ;;&": r";;?&",
+    "negative array index": r"\[\s*-\d+\s*\]\}",
+    "[[ -v name ]]": r"\[\[\s+-v\s",
+    "wait -n": r"\bwait\s+-n\b",
+    "brace sequence with a step {1..9..2}": r"\{[^{}\s]+\.\.[^{}\s]+\.\.[^{}\s]+\}",
+    "shopt globstar/lastpipe": r"shopt\s+-s\s+(globstar|lastpipe|autocd|direxpand|checkjobs)",
+    "$BASHPID, $EPOCHSECONDS, $EPOCHREALTIME": r"\$\{?(BASHPID|EPOCHSECONDS|EPOCHREALTIME)\b",
+    "printf %(...)T": r"%\([^)]*\)T",
+}
+
+
+def bash4_constructs(script: str) -> list[str]:
+    """Lines of `script` (comments aside) that use syntax bash 3.2 lacks, with what they use."""
+    found = []
+    for line_no, line in enumerate(script.splitlines(), start=1):
+        code = re.sub(r"(^|\s)#.*", "", line)  # a comment starts a word
+        found += [f"line {line_no}: {name}: {line.strip()}" for name, pattern in BASH4_ONLY.items() if re.search(pattern, code)]
+    return found
+
+
+def test_download_sh_uses_no_bash4_only_syntax() -> None:
+    """macOS's /bin/bash is 3.2: ${VAR,,} once broke the checksum test there."""
+    assert bash4_constructs(SCRIPT.read_text(encoding="utf-8")) == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '[[ $a == "${SHA256,,}" ]]', "x=${y^^}", 'echo "${x@Q}"', "declare -A seen", "local -n ref=$1", "mapfile -t lines <f",
+        "cmd &>> log", "cmd |& tee log", "a) echo ;;&", "echo ${arr[-1]}", "[[ -v name ]]", "wait -n", "echo {1..9..2}",
+        "shopt -s globstar", 'echo "$EPOCHSECONDS"', "printf '%(%F)T' -1",
+    ],
+)  # fmt: skip
+def test_the_bash4_check_finds_each_construct(line: str) -> None:
+    assert bash4_constructs(f"#!/usr/bin/env bash\n{line}  # a comment\n") != []
+    assert bash4_constructs(f"# {line}\n") == []  # in a comment it is harmless
 
 
 def test_published_checksum_is_the_default(cwd: Path, archive: tuple[Path, str]) -> None:

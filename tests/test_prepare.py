@@ -227,6 +227,25 @@ def test_category_without_articles_is_an_error(tmp_path: Path) -> None:
         run_prepare(corpus, tmp_path / "out")
 
 
+def test_hidden_entries_are_neither_categories_nor_articles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Jupyter's .ipynb_checkpoints once became a tenth category; hidden files were read as articles."""
+    corpus = write_corpus(tmp_path / "text", articles_per_category=2)
+    article = sorted(corpus.glob("smax/smax-*.txt"))[0].read_bytes()
+    write_article(corpus / ".ipynb_checkpoints", "smax-1-checkpoint.txt", article)  # a hidden folder at the top
+    (corpus / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    write_article(corpus / "smax" / ".ipynb_checkpoints", "smax-1-checkpoint.txt", article)  # inside a category
+    write_article(corpus / "smax", ".smax-copy.txt", article)  # a hidden file that looks like an article
+    run_prepare(corpus, tmp_path / "out")
+
+    assert utils.load_json(tmp_path / "out" / "label2id.json") == {c: i for i, c in enumerate(CATEGORIES)}
+    rows = read_lines(tmp_path / "out" / "all.jsonl")
+    assert len(rows) == 18 and not [r for r in rows if r["category-id"].startswith(".")]
+    assert (
+        "hidden, skipped: 4 entries (.DS_Store, .ipynb_checkpoints/, smax/.ipynb_checkpoints/, smax/.smax-copy.txt)"
+        in capsys.readouterr().out
+    )
+
+
 def test_a_crash_while_writing_keeps_the_previous_dataset(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     output = tmp_path / "livedoor"
     run_prepare(corpus_dir, output, "--seed", "1")

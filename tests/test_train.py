@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -291,6 +292,26 @@ def test_unknown_label_names_file_and_line(make_train_args, dataset_dir: Path, t
     utils.save_jsonl(rows, data / "test.jsonl")
     with pytest.raises(InputError, match=rf"{data / 'test.jsonl'}: line 3: label 9 is not an id of label2id.json \(0-8\)"):
         train.main(make_train_args(tmp_path / "out", "--dataset_dir", str(data)))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda row: row.update(label=True), r"line 3: label true is not an id of label2id.json \(0-8\)"),
+        (lambda row: row.update(title=None), r"line 3: title must be a string, got null"),
+        (lambda row: row.update(body=12), r"line 3: body must be a string, got 12"),
+        (lambda row: row.pop("id"), r"line 3: missing field\(s\) id$"),
+    ],
+    ids=["true as a label", "null title", "number as body", "no id"],
+)
+def test_values_of_the_wrong_type_name_file_and_line(change, message: str, dataset_dir: Path, tmp_path: Path) -> None:
+    """true is an int in Python and str(None) is "None": neither may pass as a label or a text."""
+    data = copy_dataset(dataset_dir, tmp_path / "data")
+    rows = utils.load_jsonl(data / "val.jsonl")
+    change(rows[2])
+    utils.save_jsonl(rows, data / "val.jsonl")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(data / 'val.jsonl'))}: {message}"):
+        train.load_split(data, "val", ["title", "body"], 9)
 
 
 def test_model_that_cannot_be_loaded_offline(make_train_args, tmp_path: Path) -> None:
