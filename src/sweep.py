@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tap import Tap
 
@@ -56,6 +56,18 @@ REFERENCE_MODELS = [
     "studio-ousia/mluke-large-lite",
 ]
 
+# Newer Japanese encoders (names checked against their model cards). ModernBERT reads up to 8192
+# tokens (rotary positions): pass a longer --max_seq_len to use it; see README for each one's needs.
+MODERN_MODELS = [
+    "sbintuitions/modernbert-ja-30m",
+    "sbintuitions/modernbert-ja-70m",
+    "sbintuitions/modernbert-ja-130m",
+    "sbintuitions/modernbert-ja-310m",
+    "llm-jp/llm-jp-modernbert-base",
+    "ku-nlp/deberta-v3-base-japanese",
+]
+PRESETS = {"reference": REFERENCE_MODELS, "modern": MODERN_MODELS}
+
 # train.py options that the sweep sets itself for each run, with the sweep option to use instead.
 AXES = {
     "model_name": "--models",
@@ -76,7 +88,8 @@ class Args(Tap):
     already finished under OUTPUT_ROOT, then aggregate. Any other option (e.g. --epochs 3
     --batch_size 32; see `python src/train.py -h`) is passed to every train.py run unchanged."""
 
-    models: list[str] = REFERENCE_MODELS  # models to fine-tune (hub names or local folders); default: the reference's 17
+    models: list[str] | None = None  # models to fine-tune (hub names or local folders); default: those of --preset
+    preset: Literal["reference", "modern"] = "reference"  # model list when --models is not given: reference (its 17 models) or modern (ModernBERT-ja, llm-jp-modernbert, DeBERTa-v3-ja)
     lrs: list[float] = [1e-5, 3e-5, 5e-5]  # learning rates tried for each model (best by mean val F1 in best.csv)
     seeds: list[int] = [42]  # seeds: several give a mean and std per setting in best.csv
     dataset_dirs: list[Path] = [Path("datasets/livedoor")]  # datasets, e.g. datasets/livedoor/folds/{0..9} for 10-fold cross-validation
@@ -94,6 +107,8 @@ class Args(Tap):
         return super().parse_args(args, known_only=known_only, **kwargs)
 
     def process_args(self) -> None:
+        if self.models is None:
+            self.models = list(PRESETS[self.preset])
         for name in ("models", "lrs", "seeds", "dataset_dirs"):
             values = getattr(self, name)
             if not values:
