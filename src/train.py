@@ -234,7 +234,7 @@ def load_model(model_name: str, label2id: dict[str, int], reinit_head: bool = Fa
         )  # fmt: skip
     except OSError as e:
         raise InputError(
-            f"cannot load model {model_name!r} ({str(e).splitlines()[0]}). Without network access, only models already "
+            f"cannot load model {model_name!r} ({first_line(e)}). Without network access, only models already "
             f"in the Hugging Face cache load; or pass a local folder saved with save_pretrained: --model_name path/to/model"
         ) from None
     except (ValueError, ImportError, KeyError, RuntimeError) as e:

@@ -2,7 +2,9 @@
 
 Per family: a 2-process torchrun (gloo) run that also saves the model, predict.py on that model
 (in-process; it must reproduce the run's test predictions) and a single-process run (in-process).
-The torchrun subprocess is the only one per family: the command line itself is what it tests.
+All families share one torchrun launch (tests/torchrun_families.py): starting 2 processes that import
+torch and transformers costs more than training a tiny model; train.py's own command line under
+torchrun is tested in test_scale.py.
 """
 
 from __future__ import annotations
@@ -30,33 +32,48 @@ REPO = Path(__file__).resolve().parents[1]
 ENTITY_ONLY = ("entity", "w2e_query", "e2w_query", "e2e_query")
 
 
+ONE_EPOCH = [*TINY_TRAINING, "--epochs", "1"]
+
+
 def family_args(model_dir: Path, dataset_dir: Path, output_root: Path, *extra: str) -> list[str]:
     base = ["--model_name", str(model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root)]
-    return [*base, *TINY_TRAINING, "--epochs", "1", *extra]
+    return [*base, *ONE_EPOCH, *extra]
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tiny_family_model, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """Every family trained by 2 processes (gloo) with --save_model, in one torchrun launch: {family: (run folder, its log)}."""
+    output_root = tmp_path_factory.mktemp("torchrun")
+    models = [f"{family}={tiny_family_model(family)}" for family in FAMILIES]
+    train_args = ["--dataset_dir", str(dataset_dir), *ONE_EPOCH, "--batch_size", "4", "--save_model"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "tests" / "torchrun_families.py"), str(output_root), *models, "--", *train_args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    logs = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
+    runs = {family: (next((output_root / family).glob("*/*/*"), None), logs.get(family, "")) for family in FAMILIES}
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return runs
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains_under_torchrun_saves_predicts_and_trains_alone(
-    family: str, tiny_family_model, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    family: str, torchrun_runs, tiny_family_model, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model_dir = tiny_family_model(family)
     tokenizer_class = FAMILIES[family][1]
     assert type(AutoTokenizer.from_pretrained(model_dir)).__name__ in {tokenizer_class, "TokenizersBackend"}  # Fast's v5 name
 
     # 2 processes (gloo), with --save_model.
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "src" / "train.py"),
-        *family_args(model_dir, dataset_dir, tmp_path / "ddp", "--batch_size", "4", "--save_model"),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "ddp").glob("*/*/*")
+    run_dir, log = torchrun_runs[family]
     assert utils.load_json(run_dir / "config.json")["environment"]["world_size"] == 2
+    assert "effective batch 4 x 1 accumulation x 2 process(es) = 8" in log
     run_predictions = utils.load_jsonl(run_dir / "test-predictions.jsonl")
     test_rows = utils.load_jsonl(dataset_dir / "test.jsonl")
     assert [p["id"] for p in run_predictions] == [r["id"] for r in test_rows]
-    frozen = "frozen" in result.stdout
-    assert frozen == (family in ("luke", "mluke")), result.stdout  # only LUKE has parameters text never reaches
+    frozen = "frozen" in log
+    assert frozen == (family in ("luke", "mluke")), log  # only LUKE has parameters that text never reaches
 
     # predict.py on the saved model gives the run's own test predictions.
     predictions = predict.main(predict.Args().parse_args([
@@ -139,7 +156,7 @@ def long_dataset(dataset_dir: Path, output_dir: Path, repeat: int) -> Path:
     """A few rows of each split with bodies repeated until they exceed a 512-token model."""
     output_dir.mkdir()
     shutil.copy(dataset_dir / "label2id.json", output_dir)
-    for split, count in (("train", 24), ("val", 9), ("test", 9)):
+    for split, count in (("train", 8), ("val", 3), ("test", 3)):
         rows = utils.load_jsonl(dataset_dir / f"{split}.jsonl")[:count]
         utils.save_jsonl([{**row, "body": "\n".join([row["body"]] * repeat)} for row in rows], output_dir / f"{split}.jsonl")
     return output_dir
