@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tap import Tap
 
-from tiny_bert import SPECIAL_TOKENS, build_tiny_bert, build_vocab, read_texts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tiny_bert import SPECIAL_TOKENS, build_tiny_bert, build_vocab, read_texts  # noqa: E402
+from utils import atomic_dir  # noqa: E402
 
 VOCAB_SIZE = 1000  # subword pieces of the SentencePiece / tokenizers vocabularies (fewer if the text has fewer)
 LONG_CONTEXT = 8192  # ModernBERT's positions (sbintuitions/modernbert-ja-*: max_position_embeddings 8192)
@@ -202,13 +206,17 @@ FAMILIES: dict[str, tuple[Builder, str, str]] = {
 
 
 def build_tiny_model(family: str, texts: list[str], output_dir: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
-    """Save a tiny model of FAMILY (random weights, a tokenizer trained on TEXTS) to output_dir."""
+    """Save a tiny model of FAMILY (random weights, a tokenizer trained on TEXTS) to output_dir, replacing it whole.
+
+    Built in a fresh folder: AutoTokenizer would prefer a stale tokenizer.json to the new vocabulary files.
+    """
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    output_dir.mkdir(parents=True, exist_ok=True)
     builder, _, _ = FAMILIES[family]
-    return builder(texts, output_dir, hidden_size, num_layers, seed)
+    with atomic_dir(output_dir) as tmp:
+        builder(texts, tmp, hidden_size, num_layers, seed)
+    return output_dir
 
 
 class Args(Tap):

@@ -52,6 +52,7 @@ class Args(Tap):
     batch_size: int = 8  # examples per step
     max_seq_len: int = 128  # tokens per example
     steps: int = 10  # timed steps per strategy (after 2 untimed warm-up steps)
+    threads: int = 1  # torch CPU threads (1: steadier figures on a shared machine)
 
 
 def batches(model_dir: Path, dataset_dir: Path, args: Args) -> list[dict[str, torch.Tensor]]:
@@ -85,6 +86,7 @@ def step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str
 
 
 def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     dist.init_process_group("gloo", rank=0, world_size=1)
