@@ -68,6 +68,18 @@ REFERENCE_MODELS = [
     "studio-ousia/mluke-large-lite",
 ]
 
+# Newer Japanese encoders (names checked against their model cards). ModernBERT reads up to 8192
+# tokens (rotary positions): pass a longer --max_seq_len to use it; see README for each one's needs.
+MODERN_MODELS = [
+    "sbintuitions/modernbert-ja-30m",
+    "sbintuitions/modernbert-ja-70m",
+    "sbintuitions/modernbert-ja-130m",
+    "sbintuitions/modernbert-ja-310m",
+    "llm-jp/llm-jp-modernbert-base",
+    "ku-nlp/deberta-v3-base-japanese",
+]
+PRESETS = {"reference": REFERENCE_MODELS, "modern": MODERN_MODELS}
+
 # train.py options that the sweep sets itself for each run, with the sweep option to use instead.
 AXES = {
     "model_name": "--models",
@@ -88,12 +100,13 @@ class Args(Tap):
     already finished under OUTPUT_ROOT, then aggregate. Any other option (e.g. --epochs 3
     --batch_size 32; see `python src/train.py -h`) is passed to every train.py run unchanged."""
 
-    models: list[str] = REFERENCE_MODELS  # models to fine-tune (hub names or local folders); default: the reference's 17
+    models: list[str] | None = None  # models to fine-tune (hub names or local folders); default: those of --preset
+    preset: Literal["reference", "modern"] = "reference"  # model list when --models is not given: reference (its 17 models) or modern (ModernBERT-ja, llm-jp-modernbert, DeBERTa-v3-ja)
     lrs: list[float] = [1e-5, 3e-5, 5e-5]  # learning rates tried for each model (best by mean val F1 in best.csv)
     seeds: list[int] = [42]  # seeds: several give a mean and std per setting in best.csv
     dataset_dirs: list[Path] = [Path("datasets/livedoor")]  # datasets, e.g. datasets/livedoor/folds/{0..9} for 10-fold cross-validation
     output_root: Path = Path("outputs")  # train.py writes runs here; finished runs found here are skipped
-    results_dir: Path = Path("results")  # aggregate.py writes all.csv, best.csv, best.md and best.png here
+    results_dir: Path = Path("results")  # aggregate.py writes all.csv, best.csv, best.md, per-class.csv and the figures (best.png, curves.png, per-class.png) here
     dry_run: bool = False  # print the plan (and each train.py command) and exit without running anything
     jobs: int = 1  # train.py runs at once on this machine: each gets its own GPU(s) through CUDA_VISIBLE_DEVICES, or on CPU an equal share of the cores
     gpus_per_run: int = 1  # processes of each run, one GPU each; above 1 the run is launched with torchrun --nproc_per_node (on CPU: that many gloo processes). The process count is part of a run's setting
@@ -119,6 +132,8 @@ class Args(Tap):
         return super().parse_args(args, known_only=known_only, **kwargs)
 
     def process_args(self) -> None:
+        if self.models is None:
+            self.models = list(PRESETS[self.preset])
         for name in ("models", "lrs", "seeds", "dataset_dirs"):
             values = getattr(self, name)
             if not values:

@@ -71,6 +71,7 @@ class Args(Tap):
     tokenized_cache_dir: Path = Path("cache/tokenized")  # tokenised splits shared by runs and torchrun ranks, keyed by tokenizer, dataset and input layout (safe to delete)
     seed: int = 42  # seed of the model's new head, the shuffling and dropout
     save_model: bool = False  # also save the best model and its tokenizer to RUN_DIR/model (safetensors)
+    reinit_head: bool = False  # a checkpoint with a classification head of another size (e.g. a fine-tuned 2-class model): replace that head with a new, random one (printed) instead of refusing
 
     def process_args(self) -> None:
         for name in ("batch_size", "eval_batch_size", "epochs", "max_seq_len", "gradient_accumulation_steps"):
@@ -157,18 +158,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def load_model(model_name: str, label2id: dict[str, int]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def load_model(model_name: str, label2id: dict[str, int], reinit_head: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and the model with a classification head of len(label2id) outputs.
+
+    Any failure to build either (a missing folder, an unknown model type, a tokenizer that cannot be
+    constructed, a missing optional package) is an InputError in one line. A checkpoint whose head
+    has another number of labels is refused unless `reinit_head`, which replaces that head.
+    """
     id2label = {i: label for label, i in label2id.items()}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_name, num_labels=len(label2id), id2label=id2label, label2id=label2id
-        )
+        # Mismatched sizes are reported, not raised, so that they can be judged below by what they are.
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            model_name, num_labels=len(label2id), id2label=id2label, label2id=label2id,
+            ignore_mismatched_sizes=True, output_loading_info=True,
+        )  # fmt: skip
     except OSError as e:
         raise InputError(
-            f"cannot load model {model_name!r} ({str(e).splitlines()[0]}). Without network access, only models already "
+            f"cannot load model {model_name!r} ({first_line(e)}). Without network access, only models already "
             f"in the Hugging Face cache load; or pass a local folder saved with save_pretrained: --model_name path/to/model"
         ) from None
+    except (ValueError, ImportError, KeyError, RuntimeError) as e:
+        raise InputError(f"cannot load the tokenizer or model of {model_name!r}: {type(e).__name__}: {first_line(e)}") from None
+    check_head(model, sorted(loading["mismatched_keys"]), model_name, reinit_head)
     return tokenizer, model
 
 
@@ -186,6 +198,79 @@ def count_encoder_params(model: PreTrainedModel) -> int:
     except (ValueError, KeyError):
         encoder = model.base_model
     return sum(p.numel() for p in encoder.parameters())
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [repr(error)])[0]
+
+
+def check_head(model: PreTrainedModel, mismatched: list[tuple[str, torch.Size, torch.Size]], model_name: str, reinit_head: bool) -> None:
+    """A checkpoint's weights that do not fit the new model: only a head (outside the encoder) may be replaced, and only on request."""
+    shapes = ", ".join(f"{key} {list(old)} -> {list(new)}" for key, old, new in mismatched)
+    encoder = [key for key, _, _ in mismatched if key.startswith(f"{model.base_model_prefix}.")]
+    if encoder:
+        raise InputError(f"{model_name}: encoder weights do not fit its own config ({shapes}): the checkpoint is inconsistent")
+    if mismatched and not reinit_head:
+        raise InputError(
+            f"{model_name} already has a classification head of another size ({shapes} for {model.config.num_labels} labels): "
+            f"pass --reinit_head to replace it with a new, randomly initialised head, or start from its base model"
+        )
+    if mismatched:
+        log(f"--reinit_head: re-initialised the classification head of {model_name}: {shapes}")
+    elif reinit_head:
+        log(f"--reinit_head: the head of {model_name} already fits {model.config.num_labels} labels (or is new): nothing replaced")
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """Tokens the model's absolute position tables can index; None for rotary or relative positions (no table).
+
+    RoBERTa-like tables (XLM-R, LUKE) number positions from padding_idx + 1, so 514 rows hold 512 tokens.
+    """
+    limits = [
+        module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding) and name.endswith("position_embeddings")
+    ]
+    return min(limits, default=None)
+
+
+def check_max_seq_len(max_seq_len: int, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_name: str) -> str:
+    """Refuse a --max_seq_len beyond the position table; for other models, say how far they were trained."""
+    limit = position_limit(model)
+    if limit is not None:
+        if max_seq_len > limit:
+            raise InputError(
+                f"--max_seq_len {max_seq_len} is longer than {model_name} takes: its position embeddings hold {limit} tokens; "
+                f"use --max_seq_len {limit} or less"
+            )
+        return f"positions: absolute, at most {limit} tokens"
+    trained = min(getattr(model.config, "max_position_embeddings", None) or math.inf, tokenizer.model_max_length)
+    if max_seq_len > trained:
+        return f"positions: rotary or relative (no table); --max_seq_len {max_seq_len} is beyond the {trained} tokens it was trained with"
+    return "positions: rotary or relative (no table)" + (f", trained up to {trained} tokens" if math.isfinite(trained) else "")
+
+
+def freeze_unreachable(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> list[str]:
+    """Freeze the parameters that inputs of this layout never reach; return their names.
+
+    A probe forward and backward on one batch: a parameter left without a gradient (LUKE's entity
+    embeddings, with text-only input) can never get one in training either. DDP waits for a
+    gradient of every trainable parameter, so it would stop at the second step; frozen, they are
+    out of DDP and of the optimizer, and no per-step search for unused parameters is needed.
+    Run in eval mode (no dropout), so the random number streams of training stay as they were.
+    """
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    inputs = {key: value.to(device) for key, value in batch.items() if key not in ("labels", "index")}
+    model(**inputs).logits.float().sum().backward()
+    unreachable = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        if name in unreachable:
+            p.requires_grad_(False)
+    model.train(was_training)
+    return unreachable
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], str]:
@@ -514,7 +599,8 @@ def main(args: Args) -> Path:
     id2label = {i: label for label, i in label2id.items()}
     rows = {split: load_split(args.dataset_dir, split, args.text_fields, len(label2id)) for split in SPLITS}
 
-    tokenizer, model = load_model(args.model_name, label2id)
+    tokenizer, model = load_model(args.model_name, label2id, args.reinit_head)
+    positions = check_max_seq_len(args.max_seq_len, model, tokenizer, args.model_name)
     num_params = sum(p.numel() for p in model.parameters())
     num_encoder_params = count_encoder_params(model)  # without the head, as the reference's table counts
 
@@ -527,6 +613,7 @@ def main(args: Args) -> Path:
     run_dir = on_rank_0(start_run_folder, rank, world_size)
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
+    log(positions)
 
     # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
     examples = tokenization.tokenize_splits(
@@ -549,6 +636,9 @@ def main(args: Args) -> Path:
     if args.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    unreachable = freeze_unreachable(model, pad(examples["train"][:2]), device)
+    if unreachable:
+        log(f"frozen {len(unreachable)} parameter tensors that this input never reaches (no gradient in a probe step): {', '.join(unreachable)}")
     # `model` keeps clean state-dict keys (no _orig_mod. or module. prefixes) for the best weights.
     compiled: torch.nn.Module = torch.compile(model, dynamic=True) if args.compile else model
     train_model = compiled

@@ -18,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from fake_corpus import write_corpus  # noqa: E402
 from tiny_bert import build_tiny_bert, read_texts  # noqa: E402
+from tiny_models import build_tiny_model  # noqa: E402
 
 ARTICLES_PER_CATEGORY = 30  # 270 articles: train 216 / val 27 / test 27
 
@@ -42,6 +43,19 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> P
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path) -> Path:
     """A tiny random-weight BERT with a real BertJapaneseTokenizer, loadable by the Auto* classes."""
     return build_tiny_bert(read_texts(dataset_dir), tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_family_model(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path, tiny_model_dir: Path):
+    """Return the folder of a tiny model of a family (tests/tiny_models.FAMILIES), built on first use only."""
+    built = {"bert-word": tiny_model_dir}  # the session's tiny BERT is the word-level family
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(family, read_texts(dataset_dir), tmp_path_factory.mktemp("models") / f"tiny-{family}")
+        return built[family]
+
+    return get
 
 
 # The tiny model learns the fixture task reliably with these (about 3 s a run on 2 cores).

@@ -1,0 +1,237 @@
+"""Tiny random-weight models of every family the project supports, each with its own real tokenizer class.
+
+Each builder writes the files a hub checkpoint of that family has (vocab.txt, sentencepiece.bpe.model,
+spm.model, entity_vocab.json or tokenizer.json, plus tokenizer_config.json), loads them back through
+AutoTokenizer, and saves the tokenizer and a randomly initialised base model with save_pretrained:
+train.py then loads the folder through the same Auto* code path as the hub model it stands for.
+Vocabularies are trained on the dataset's own text (WordPiece lists, `sentencepiece`, `tokenizers`).
+
+    poetry run python tests/tiny_models.py --family xlm-roberta --output_dir models/tiny-xlm-roberta
+    poetry run python src/train.py --model_name models/tiny-xlm-roberta --max_seq_len 128 --epochs 3
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tap import Tap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tiny_bert import SPECIAL_TOKENS, build_tiny_bert, build_vocab, read_texts  # noqa: E402
+from utils import atomic_dir  # noqa: E402
+
+VOCAB_SIZE = 1000  # subword pieces of the SentencePiece / tokenizers vocabularies (fewer if the text has fewer)
+LONG_CONTEXT = 8192  # ModernBERT's positions (sbintuitions/modernbert-ja-*: max_position_embeddings 8192)
+
+
+def save_base_model(model_class: Any, config: Any, output_dir: Path, seed: int) -> Path:
+    """Random weights of the encoder without a head, as a pretrained checkpoint is published."""
+    import torch
+
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(output_dir)
+    return output_dir
+
+
+def load_and_save_tokenizer(output_dir: Path, tokenizer_config: dict) -> Any:
+    """Load the hub-style files through AutoTokenizer (the path users take), then save them as transformers does."""
+    from transformers import AutoTokenizer
+
+    (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def train_sentencepiece(texts: list[str], path: Path, **options: Any) -> None:
+    """A unigram SentencePiece model of the text (every character kept), written to `path`."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=VOCAB_SIZE, hard_vocab_limit=False,
+        model_type="unigram", character_coverage=1.0, minloglevel=2, **options,
+    )  # fmt: skip
+    path.write_bytes(model.getvalue())
+
+
+def small_sizes(hidden_size: int, num_layers: int) -> dict[str, int]:
+    """The shape arguments every BERT-like config takes under these names."""
+    return {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 2,
+        "intermediate_size": hidden_size * 4,
+    }
+
+
+# --- one builder per family -------------------------------------------------------------------
+
+
+def build_bert_word(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """cl-tohoku/bert-base-japanese-v3: BertJapaneseTokenizer, MeCab words then WordPiece."""
+    return build_tiny_bert(texts, output_dir, hidden_size, num_layers, seed=seed)
+
+
+def build_bert_char(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """cl-tohoku/bert-base-japanese-char-v3: BertJapaneseTokenizer, MeCab words then single characters."""
+    from transformers import BertConfig, BertModel
+
+    chars = sorted({char for text in texts for char in text if not char.isspace()})
+    (output_dir / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + chars) + "\n", encoding="utf-8")
+    tokenizer = load_and_save_tokenizer(output_dir, {
+        "tokenizer_class": "BertJapaneseTokenizer", "word_tokenizer_type": "mecab", "subword_tokenizer_type": "character",
+        "mecab_kwargs": {"mecab_dic": "unidic_lite"}, "do_lower_case": False, "model_max_length": 512,
+    })  # fmt: skip
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, type_vocab_size=2, **small_sizes(hidden_size, num_layers))
+    return save_base_model(BertModel, config, output_dir, seed)
+
+
+def build_mbert(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """bert-base-multilingual-cased: BertTokenizer (cased WordPiece; CJK characters split one by one)."""
+    from transformers import BertConfig, BertModel
+
+    # The multilingual vocabulary holds CJK characters alone (its basic tokenizer splits them) and cased words.
+    vocab = build_vocab(texts, max_words=0)
+    (output_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = load_and_save_tokenizer(output_dir, {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 512})
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, type_vocab_size=2, **small_sizes(hidden_size, num_layers))
+    return save_base_model(BertModel, config, output_dir, seed)
+
+
+def build_xlm_roberta(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """xlm-roberta-base: XLMRobertaTokenizer over SentencePiece; 514 positions (2 below the padding offset), one token type."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    train_sentencepiece(texts, output_dir / "sentencepiece.bpe.model")
+    tokenizer = load_and_save_tokenizer(output_dir, {"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 512})
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=514, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **small_sizes(hidden_size, num_layers),
+    )  # fmt: skip
+    return save_base_model(XLMRobertaModel, config, output_dir, seed)
+
+
+def build_luke_like(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int, sentencepiece_options: dict) -> Path:
+    """studio-ousia/*-lite: MLukeTokenizer (SentencePiece + an entity vocabulary of the 4 special entities only)."""
+    from transformers import LukeConfig, LukeModel
+
+    # <pad> at id 1, as in the real checkpoints (pad_token_id 1): position ids start after it.
+    layout = {"unk_id": 0, "pad_id": 1, "bos_id": 2, "eos_id": 3}
+    train_sentencepiece(texts, output_dir / "sentencepiece.bpe.model", **layout, **sentencepiece_options)
+    entities = {"[PAD]": 0, "[UNK]": 1, "[MASK]": 2, "[MASK2]": 3}
+    (output_dir / "entity_vocab.json").write_text(json.dumps(entities), encoding="utf-8")
+    tokenizer = load_and_save_tokenizer(output_dir, {"tokenizer_class": "MLukeTokenizer", "model_max_length": 512})
+    config = LukeConfig(
+        vocab_size=len(tokenizer), entity_vocab_size=len(entities), entity_emb_size=16, max_position_embeddings=514,
+        type_vocab_size=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **small_sizes(hidden_size, num_layers),
+    )  # fmt: skip
+    return save_base_model(LukeModel, config, output_dir, seed)
+
+
+def build_luke(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """studio-ousia/luke-japanese-base-lite: its own Japanese SentencePiece vocabulary."""
+    return build_luke_like(texts, output_dir, hidden_size, num_layers, seed, {"split_by_whitespace": False})
+
+
+def build_mluke(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """studio-ousia/mluke-base-lite: XLM-R's vocabulary (whitespace-split SentencePiece) plus entities."""
+    return build_luke_like(texts, output_dir, hidden_size, num_layers, seed, {})
+
+
+def build_modernbert(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """sbintuitions/modernbert-ja-*: a fast tokenizer.json (no token_type_ids), rotary positions, 8192-token context."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import ModernBertConfig, ModernBertModel, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<sep>", "<mask>", "<cls>"]
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, unk_token="<unk>"))
+    cls_id, sep_id = backend.token_to_id("<cls>"), backend.token_to_id("<sep>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<cls> $A <sep>", pair="<cls> $A <sep> $B <sep>", special_tokens=[("<cls>", cls_id), ("<sep>", sep_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>", sep_token="<sep>",
+        mask_token="<mask>", cls_token="<cls>", model_max_length=LONG_CONTEXT, model_input_names=["input_ids", "attention_mask"],
+    )  # fmt: skip
+    tokenizer.save_pretrained(output_dir)
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=LONG_CONTEXT, pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=cls_id, sep_token_id=sep_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        global_attn_every_n_layers=2, local_attention=16, **small_sizes(hidden_size, num_layers),
+    )  # fmt: skip
+    return save_base_model(ModernBertModel, config, output_dir, seed)
+
+
+def build_deberta_v2(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """ku-nlp/deberta-v3-*-japanese: DebertaV2Tokenizer over SentencePiece; relative positions only, no token types."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    train_sentencepiece(
+        texts, output_dir / "spm.model", pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_piece="[PAD]", unk_piece="[UNK]", bos_piece="[CLS]", eos_piece="[SEP]", user_defined_symbols=["[MASK]"],
+    )  # fmt: skip
+    tokenizer = load_and_save_tokenizer(output_dir, {"tokenizer_class": "DebertaV2Tokenizer", "model_max_length": 512})
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer), max_position_embeddings=512, type_vocab_size=0, position_biased_input=False,
+        relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=64, norm_rel_ebd="layer_norm",
+        share_att_key=True, pad_token_id=tokenizer.pad_token_id, **small_sizes(hidden_size, num_layers),
+    )  # fmt: skip
+    return save_base_model(DebertaV2Model, config, output_dir, seed)
+
+
+Builder = Callable[[list[str], Path, int, int, int], Path]
+
+# Family name -> (builder, tokenizer class the folder loads with, the hub models it stands for).
+FAMILIES: dict[str, tuple[Builder, str, str]] = {
+    "bert-word": (build_bert_word, "BertJapaneseTokenizer", "cl-tohoku/bert-base-japanese-v3"),
+    "bert-char": (build_bert_char, "BertJapaneseTokenizer", "cl-tohoku/bert-base-japanese-char-v3"),
+    "mbert": (build_mbert, "BertTokenizer", "bert-base-multilingual-cased"),
+    "xlm-roberta": (build_xlm_roberta, "XLMRobertaTokenizer", "xlm-roberta-base"),
+    "luke": (build_luke, "MLukeTokenizer", "studio-ousia/luke-japanese-base-lite"),
+    "mluke": (build_mluke, "MLukeTokenizer", "studio-ousia/mluke-base-lite"),
+    "modernbert": (build_modernbert, "PreTrainedTokenizerFast", "sbintuitions/modernbert-ja-130m"),
+    "deberta-v2": (build_deberta_v2, "DebertaV2Tokenizer", "ku-nlp/deberta-v3-base-japanese"),
+}
+
+
+def build_tiny_model(family: str, texts: list[str], output_dir: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+    """Save a tiny model of FAMILY (random weights, a tokenizer trained on TEXTS) to output_dir, replacing it whole.
+
+    Built in a fresh folder: AutoTokenizer would prefer a stale tokenizer.json to the new vocabulary files.
+    """
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    builder, _, _ = FAMILIES[family]
+    with atomic_dir(output_dir) as tmp:
+        builder(texts, tmp, hidden_size, num_layers, seed)
+    return output_dir
+
+
+class Args(Tap):
+    family: str  # one of FAMILIES: bert-word, bert-char, mbert, xlm-roberta, luke, mluke, modernbert, deberta-v2
+    dataset_dir: Path = Path("datasets/livedoor")  # a prepared dataset; its train.jsonl gives the vocabulary
+    output_dir: Path  # where the model and tokenizer are saved
+    hidden_size: int = 32  # width of the model (base models: 768)
+    num_layers: int = 2  # transformer layers (base models: 12)
+    seed: int = 0  # seed of the random weights
+
+    def configure(self) -> None:
+        self.add_argument("--family", choices=list(FAMILIES))
+
+
+if __name__ == "__main__":
+    args = Args().parse_args()
+    build_tiny_model(args.family, read_texts(args.dataset_dir), args.output_dir, args.hidden_size, args.num_layers, args.seed)
+    print(f"saved a tiny {args.family} ({FAMILIES[args.family][1]}) to {args.output_dir}")
