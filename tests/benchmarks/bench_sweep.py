@@ -17,18 +17,11 @@ import contextlib
 import io
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
-
-# As .envrc and tests/conftest.py set them; before transformers is imported.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import bench_env  # noqa: F401 (first: src/ and tests/ on the path, the environment set)
 
 from tap import Tap  # noqa: E402
 

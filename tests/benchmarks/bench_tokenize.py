@@ -18,7 +18,6 @@ bodies of livedoor's length (1,000-3,000 characters, made of the fake corpus's s
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import shlex
 import sys
@@ -26,13 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
-
-# As .envrc and tests/conftest.py set them; before transformers is imported.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import bench_env  # noqa: F401 (first: src/ and tests/ on the path, the environment set)
 
 import numpy as np  # noqa: E402
 import transformers  # noqa: E402

@@ -39,13 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
-
-# As .envrc and tests/conftest.py set them; before transformers is imported.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import bench_env  # noqa: F401 (first: src/ and tests/ on the path, the environment set)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
