@@ -99,8 +99,8 @@ def load_model(model_dir: Path, config: PretrainedConfig) -> tuple[transformers.
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the model saved in {model_dir} ({str(e).splitlines()[0]}): {SAVE_HINT}") from None
+    except (OSError, *train.LOAD_ERRORS) as e:
+        raise InputError(f"cannot load the model saved in {model_dir} ({type(e).__name__}: {train.first_line(e)}): {SAVE_HINT}") from None
     return tokenizer, model
 
 

@@ -158,6 +158,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+# What building a tokenizer or model raises besides OSError (files): an unknown model type, a
+# tokenizer that cannot be constructed, a missing optional package, weights that do not fit.
+LOAD_ERRORS = (ValueError, ImportError, KeyError, RuntimeError)
+
+
 def load_model(model_name: str, label2id: dict[str, int], reinit_head: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The tokenizer and the model with a classification head of len(label2id) outputs.
 
@@ -178,7 +183,7 @@ def load_model(model_name: str, label2id: dict[str, int], reinit_head: bool = Fa
             f"cannot load model {model_name!r} ({first_line(e)}). Without network access, only models already "
             f"in the Hugging Face cache load; or pass a local folder saved with save_pretrained: --model_name path/to/model"
         ) from None
-    except (ValueError, ImportError, KeyError, RuntimeError) as e:
+    except LOAD_ERRORS as e:
         raise InputError(f"cannot load the tokenizer or model of {model_name!r}: {type(e).__name__}: {first_line(e)}") from None
     check_head(model, sorted(loading["mismatched_keys"]), model_name, reinit_head)
     return tokenizer, model

@@ -306,3 +306,18 @@ def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path} is not a saved classification model (no config.json): {predict.SAVE_HINT}"
     ]
+
+
+def test_any_failure_to_load_the_saved_model_is_one_line(model_dir: Path, test_rows: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only OSError/ValueError: e.g. weights that do not fit the config raise RuntimeError in transformers."""
+
+    def mismatch(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict:\n\tsize mismatch for classifier.weight")
+
+    monkeypatch.setattr(predict.AutoModelForSequenceClassification, "from_pretrained", mismatch)
+    input_file = tmp_path / "in.jsonl"
+    utils.save_jsonl(test_rows[:2], input_file)
+    with pytest.raises(InputError) as e:
+        run_predict(model_dir, "--input_file", str(input_file))
+    assert str(e.value).startswith(f"cannot load the model saved in {model_dir} (RuntimeError: Error(s) in loading state_dict:): train one with")
+    assert "\n" not in str(e.value)
