@@ -686,36 +686,37 @@ def main(args: Args) -> Path:
     best_epoch, best_f1 = 0, val_metrics["f1"]
     best_state = clone_state(model)
 
-    for epoch in trange(1, args.epochs + 1, desc="epochs", disable=rank != 0):
-        train_model.train()
-        sampler.set_epoch(epoch)
-        start = time.perf_counter()
-        loss_sum, seen, tokens = 0.0, 0, 0
-        progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0)
-        for window in chunked(train_loader, args.gradient_accumulation_steps):
-            step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
-            window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)
-            if world_size > 1:  # the loss, examples and tokens of this step over all processes
-                stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
-                dist.all_reduce(stats)
-                step_loss, step_examples, step_tokens = stats.tolist()
-            else:
-                step_loss = window_loss.item()  # the one device sync of a step
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
-            loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
-            optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
-            progress.update()
-            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        progress.close()
-        train_seconds = time.perf_counter() - start
-        throughput = {"examples_per_s": seen / train_seconds, "tokens_per_s": tokens / train_seconds}
+    # Progress bars as context managers: closed on an error too, so that the error line starts clean.
+    with trange(1, args.epochs + 1, desc="epochs", disable=rank != 0) as epoch_bar:
+        for epoch in epoch_bar:
+            train_model.train()
+            sampler.set_epoch(epoch)
+            start = time.perf_counter()
+            loss_sum, seen, tokens = 0.0, 0, 0
+            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0) as progress:
+                for window in chunked(train_loader, args.gradient_accumulation_steps):
+                    step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
+                    window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)
+                    if world_size > 1:  # the loss, examples and tokens of this step over all processes
+                        stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
+                        dist.all_reduce(stats)
+                        step_loss, step_examples, step_tokens = stats.tolist()
+                    else:
+                        step_loss = window_loss.item()  # the one device sync of a step
+                    if not math.isfinite(step_loss):
+                        raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
+                    loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
+                    optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+                    progress.update()
+                    progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            train_seconds = time.perf_counter() - start
+            throughput = {"examples_per_s": seen / train_seconds, "tokens_per_s": tokens / train_seconds}
 
-        val_metrics, _ = evaluate_split("val")
-        log_evaluation(epoch, loss_sum / seen, val_metrics, time.perf_counter() - start, throughput)
-        if val_metrics["f1"] > best_f1:
-            best_epoch, best_f1 = epoch, val_metrics["f1"]
-            best_state = clone_state(model)
+            val_metrics, _ = evaluate_split("val")
+            log_evaluation(epoch, loss_sum / seen, val_metrics, time.perf_counter() - start, throughput)
+            if val_metrics["f1"] > best_f1:
+                best_epoch, best_f1 = epoch, val_metrics["f1"]
+                best_state = clone_state(model)
 
     # The weights of the best epoch (kept on the CPU) give the reported val and test scores.
     model.load_state_dict(best_state)
