@@ -1,7 +1,7 @@
 """How the sweep starts one train.py run: its command, its share of the machine, its log file.
 
 Shared by sweep.py's local runner and by each task of a Slurm job array. Kept free of torch and
-transformers (standard library + submitit), so that a Slurm task starts in a fraction of a
+transformers (standard library, submitit and utils), so that a Slurm task starts in a fraction of a
 second before its train.py process pays for those imports.
 """
 
@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 import submitit
+
+import utils
 
 TRAIN_PY = Path(__file__).resolve().with_name("train.py")
 
@@ -90,7 +92,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
 
     def __call__(self, launch: Launch) -> int:
         # Slurm sets CUDA_VISIBLE_DEVICES to the task's GPUs; the task's CPUs are shared by its processes.
-        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or utils.available_cpus())
         slot = thread_slot(cpus, 1, launch.nproc, launch.argv)
         slot.label = f"Slurm job {os.environ.get('SLURM_JOB_ID')}, {slot.label}"
         return run_logged(launch, slot)

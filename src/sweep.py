@@ -579,7 +579,7 @@ def main(args: Args, run: Runner = run_logged) -> None:
         if failures is None:  # --no_wait
             return
     else:
-        slots = local_slots(args, device, torch.cuda.device_count(), len(os.sched_getaffinity(0)), os.environ)
+        slots = local_slots(args, device, torch.cuda.device_count(), utils.available_cpus(), os.environ)
         print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
         failures = run_local(launches, slots, run, progress)
 

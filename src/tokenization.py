@@ -313,17 +313,9 @@ def choose_encoder(tokenizer: PreTrainedTokenizerBase, slow: bool) -> Encoder:
 # --- worker processes -------------------------------------------------------------------------
 
 
-def available_cpus() -> int:
-    """CPU cores this process may run on: its affinity (Slurm, cgroups, taskset), else all of the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
-
-
 def tokenizer_workers(num_workers: int) -> int:
     """--num_workers, or by default the usable CPU cores shared among this machine's torchrun processes (at most 8)."""
-    return num_workers or max(1, min(available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), MAX_WORKERS))
+    return num_workers or max(1, min(utils.available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), MAX_WORKERS))
 
 
 def _encode_chunk(job: tuple[Encoder, list[list[str]], int, bool]) -> Encoded:

@@ -194,6 +194,14 @@ def save_csv(header: list[str], rows: Iterable[Iterable[Any]], path: Path) -> No
         writer.writerows(rows)
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on: its affinity (Slurm, cgroups, taskset), else all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices)."""
     import torch  # imported here so that torch-free stages (prepare.py) start fast

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import os
 import re
 import shutil
 import threading
@@ -311,7 +310,7 @@ def test_jobs_2_runs_two_train_processes_at_once(tiny_model_dir: Path, dataset_d
     sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--jobs", "2"), run=concurrent_runner)
     out = capfd.readouterr().out
     assert plan(out) == (2, 0, 2)
-    cores = len(os.sched_getaffinity(0))
+    cores = utils.available_cpus()
     threads = max(1, cores // 2)
     assert f"sweep: 2 run(s) at once ({threads} thread(s) per process); logs in {tmp_path / 'outputs' / 'sweep-logs'}" in out
     assert [slot.env["OMP_NUM_THREADS"] for slot in slots] == [str(threads)] * 2
