@@ -216,5 +216,8 @@ def run_cli(main: Callable[[Any], object], args: Any) -> None:
     try:
         main(args)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One write of the whole line: under torchrun every rank reports at once on a shared stderr,
+        # and print()'s separate write of the newline would let their lines run together.
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         sys.exit(1)

@@ -29,7 +29,10 @@ def torchrun_train(tiny_model_dir: Path, dataset_dir: Path, output_root: Path, *
     ]  # fmt: skip
     start = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    return result, time.monotonic() - start, [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    # Each rank writes its error line in one piece, but on a shared stderr it may land right after
+    # another rank's unfinished progress bar: take every "error: ..." up to its own newline.
+    errors = ["error: " + part.splitlines()[0] for part in result.stderr.split("error: ")[1:]]
+    return result, time.monotonic() - start, errors
 
 
 def assert_every_rank_ended_in_one_line(result: subprocess.CompletedProcess, elapsed: float, errors: list[str]) -> None:
