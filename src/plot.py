@@ -41,7 +41,7 @@ def read_table(path: Path, columns: tuple[str, ...], index_col: int | None = Non
     try:
         table = pd.read_csv(path, encoding="utf-8", index_col=index_col)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise utils.InputError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+        raise utils.InputError(f"{path}: not a readable CSV file ({utils.first_line(e)})") from None
     missing = [column for column in columns if column not in table.columns]
     if missing:
         raise utils.InputError(f"{path}: missing column(s) {', '.join(missing)}")

@@ -82,7 +82,7 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load {model_dir / 'config.json'} ({str(e).splitlines()[0]})") from None
+        raise InputError(f"cannot load {model_dir / 'config.json'} ({utils.first_line(e)})") from None
 
 
 def input_layout(config: PretrainedConfig) -> tuple[list[str], int]:
@@ -100,7 +100,7 @@ def load_model(model_dir: Path, config: PretrainedConfig) -> tuple[transformers.
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
     except (OSError, *train.LOAD_ERRORS) as e:
-        raise InputError(f"cannot load the model saved in {model_dir} ({type(e).__name__}: {train.first_line(e)}): {SAVE_HINT}") from None
+        raise InputError(f"cannot load the model saved in {model_dir} ({type(e).__name__}: {utils.first_line(e)}): {SAVE_HINT}") from None
     return tokenizer, model
 
 
@@ -156,10 +156,7 @@ def tokenize(
     texts = tokenization.texts_of(rows, text_fields)
     encoded = tokenization.encode_parallel(encoder, texts, max_seq_len, token_type_ids, num_workers)
     if encoded.cut_titles:
-        info(
-            f"{source}: {encoded.cut_titles} row(s) whose {text_fields[0]} alone fills the model's max_seq_len {max_seq_len}: "
-            f"{text_fields[0]} truncated to fit, {text_fields[-1]} left out"
-        )
+        info(tokenization.cut_titles_note(source, encoded.cut_titles, text_fields, f"the model's max_seq_len {max_seq_len}"))
     return encoded.examples([NO_LABEL] * len(rows))
 
 

@@ -407,10 +407,8 @@ def write_entry(path: Path, key: dict, encoded: Mapping[str, Encoded]) -> None:
         arrays[f"{split}.cut_titles"] = np.array(part.cut_titles)
         if part.token_type_ids is not None:
             arrays[f"{split}.token_type_ids"] = part.token_type_ids
-    with utils.atomic_path(path) as tmp, tmp.open("wb") as f:
+    with utils.atomic_path(path) as tmp, tmp.open("wb") as f:  # atomic_path fsyncs it before the rename
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @contextmanager
@@ -434,6 +432,11 @@ def exclusive_lock(path: Path) -> Iterator[str | None]:
             yield None
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cut_titles_note(where: str, count: int, text_fields: Sequence[str], limit: str) -> str:
+    """The report of rows whose first text alone filled the length limit (train.py per split, predict.py per input)."""
+    return f"{where}: {count} row(s) whose {text_fields[0]} alone fills {limit}: {text_fields[0]} truncated to fit, {text_fields[-1]} left out"
 
 
 def tokenize_splits(
@@ -475,9 +478,6 @@ def tokenize_splits(
                     status = f"cache miss: tokenised and wrote {path}"
     for split, part in encoded.items():
         if part.cut_titles:
-            log(
-                f"{split}: {part.cut_titles} row(s) whose {text_fields[0]} alone fills --max_seq_len {max_seq_len}: "
-                f"{text_fields[0]} truncated to fit, {text_fields[-1]} left out"
-            )
+            log(cut_titles_note(split, part.cut_titles, text_fields, f"--max_seq_len {max_seq_len}"))
     log(f"{status}; {sum(sizes.values()):,} examples in {time.perf_counter() - start:.1f} s")
     return {split: part.examples([row["label"] for row in rows[split]]) for split, part in encoded.items()}

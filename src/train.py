@@ -180,11 +180,11 @@ def load_model(model_name: str, label2id: dict[str, int], reinit_head: bool = Fa
         )  # fmt: skip
     except OSError as e:
         raise InputError(
-            f"cannot load model {model_name!r} ({first_line(e)}). Without network access, only models already "
+            f"cannot load model {model_name!r} ({utils.first_line(e)}). Without network access, only models already "
             f"in the Hugging Face cache load; or pass a local folder saved with save_pretrained: --model_name path/to/model"
         ) from None
     except LOAD_ERRORS as e:
-        raise InputError(f"cannot load the tokenizer or model of {model_name!r}: {type(e).__name__}: {first_line(e)}") from None
+        raise InputError(f"cannot load the tokenizer or model of {model_name!r}: {type(e).__name__}: {utils.first_line(e)}") from None
     check_head(model, sorted(loading["mismatched_keys"]), model_name, reinit_head)
     return tokenizer, model
 
@@ -203,10 +203,6 @@ def count_encoder_params(model: PreTrainedModel) -> int:
     except (ValueError, KeyError):
         encoder = model.base_model
     return sum(p.numel() for p in encoder.parameters())
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [repr(error)])[0]
 
 
 def check_head(model: PreTrainedModel, mismatched: list[tuple[str, torch.Size, torch.Size]], model_name: str, reinit_head: bool) -> None:
@@ -269,13 +265,12 @@ def freeze_unreachable(model: torch.nn.Module, batch: dict[str, torch.Tensor], d
     model.zero_grad(set_to_none=True)
     inputs = {key: value.to(device) for key, value in batch.items() if key not in ("labels", "index")}
     model(**inputs).logits.float().sum().backward()
-    unreachable = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    unreachable = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
-    for name, p in model.named_parameters():
-        if name in unreachable:
-            p.requires_grad_(False)
+    for _, p in unreachable:
+        p.requires_grad_(False)
     model.train(was_training)
-    return unreachable
+    return [name for name, _ in unreachable]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], str]:
@@ -729,8 +724,7 @@ def main(args: Args) -> Path:
         try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
             plot.draw_run(run_dir)
         except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
-            reason = str(e).split("\n")[0]
-            log(f"warning: figures not drawn ({type(e).__name__}: {reason}); redraw them with python src/plot.py --run_dirs {run_dir}")
+            log(f"warning: figures not drawn ({type(e).__name__}: {utils.first_line(e)}); redraw them with python src/plot.py --run_dirs {run_dir}")
         if args.save_model:
             save_model(model, tokenizer, run_dir / "model", args)
         utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished

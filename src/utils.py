@@ -211,6 +211,11 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds the CUDA and MPS generators
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message in one line (its first), for one-line errors; its repr if it has no message."""
+    return (str(error).strip().splitlines() or [repr(error)])[0]
+
+
 def run_cli(main: Callable[[Any], object], args: Any) -> None:
     """Run a stage's main(args); user errors end in one clear line on stderr and exit code 1."""
     try:
