@@ -164,6 +164,20 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
+def checkpoint_state(
+    epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler, best_epoch: int, best_f1: float, best_model: dict[str, torch.Tensor], log_rows: list[dict[str, Any]],
+    rng: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Everything the epochs after `epoch` depend on: the weights and the optimizer's moments, the schedule, the fp16
+    loss scale, the best epoch so far with its weights, the log rows, and each process's random generators (`rng`,
+    in rank order). The training order needs nothing more: the sampler derives it from the seed and the epoch."""
+    return {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "best_epoch": best_epoch, "best_f1": best_f1, "best_model": best_model, "log": log_rows, "rng": rng,
+    }  # fmt: skip
+
+
 def save_checkpoint(run_dir: Path, checkpoint: dict[str, Any]) -> None:
     """RUN_DIR/checkpoint.pt, written beside it and renamed into place: it replaces the previous one
     only once complete, so a kill at any moment leaves the last complete checkpoint."""
@@ -172,8 +186,8 @@ def save_checkpoint(run_dir: Path, checkpoint: dict[str, Any]) -> None:
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """What save_checkpoint wrote, on the CPU. Memory-mapped: tensors are read from the file as they
-    are copied into the model and optimizer, so every torchrun process can load it at once."""
+    """What save_checkpoint wrote, on the CPU. Memory-mapped (privately: writes never reach the file), so
+    tensors are read as they are copied into the model and optimizer, and torchrun processes share the pages."""
     path = run_dir / CHECKPOINT
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -326,11 +326,8 @@ def main(args: Args) -> Path:
 
         def save_checkpoint(epoch: int) -> None:
             """Everything the next epoch depends on, so that a resumed run continues exactly as this one would."""
-            state = {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "best_epoch": best_epoch, "best_f1": best_f1, "best_model": best_state, "log": log_rows,
-                "rng": gather_on_every_rank(runs.rng_state(device), world_size),  # each process's own generators
-            }  # fmt: skip
+            rng = gather_on_every_rank(runs.rng_state(device), world_size)  # each process's own generators
+            state = runs.checkpoint_state(epoch, model, optimizer, scheduler, scaler, best_epoch, best_f1, best_state, log_rows, rng)
             on_rank_0(lambda: runs.save_checkpoint(run_dir, state), rank, world_size)
 
         if checkpoint is None:
