@@ -206,10 +206,14 @@ class Record(NamedTuple):
         return f"{self.path}:{self.line}"
 
 
+def is_utf8(encoding: str) -> bool:
+    return encoding.lower().replace("_", "-") in ("utf-8", "utf8", "utf-8-sig")
+
+
 def decode(path: Path, encoding: str) -> str:
     """The file's text; a file that does not decode gets one line naming the encoding it likely has."""
     data = path.read_bytes()
-    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding  # skip Excel's BOM
+    codec = "utf-8-sig" if is_utf8(encoding) else encoding  # utf-8-sig: skips the BOM that Excel writes
     try:
         return data.decode(codec)
     except LookupError:
@@ -257,8 +261,7 @@ def read_delimited(path: Path, text: str, delimiter: str) -> tuple[list[str], li
 
 def read_json_lines(path: Path, text: str) -> tuple[list[str], list[Record]]:
     """Rows of a JSON-lines text (or of one JSON array of objects, as some .json files are); their keys in order."""
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -291,7 +294,7 @@ def read_input(path: Path, encoding: str, required: list[str]) -> tuple[list[str
     if suffix not in DELIMITERS and suffix not in JSON_LINES:
         raise InputError(f"{path}: unknown file type {suffix or '(none)'}: --input reads .csv, .tsv, .jsonl and .json (JSON lines)")
     text = decode(path, encoding)
-    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8", "utf-8-sig") and not text.isascii() and guess_encodings(path.read_bytes())[:1] == ["utf-8"]:
+    if not is_utf8(encoding) and not text.isascii() and guess_encodings(path.read_bytes())[:1] == ["utf-8"]:
         print(f"warning: {path} is valid UTF-8 but was read as {encoding} (--encoding): is that right?")
     columns, records = read_delimited(path, text, DELIMITERS[suffix]) if suffix in DELIMITERS else read_json_lines(path, text)
     if not records:

@@ -652,3 +652,19 @@ def test_multi_label_ids_are_sorted_as_label2id_orders_the_names(tmp_path: Path)
     run_own(tmp_path / "out", "--input", str(data), "--text_fields", "text", "--label_field", "tags")
     assert utils.load_json(tmp_path / "out" / "label2id.json") == {"1": 0, "2": 1, "10": 2}
     assert read_lines(tmp_path / "out" / "all.jsonl")[0] == {"id": 0, "label": [1, 2], "category": ["2", "10"], "text": "文0"}
+
+
+def test_a_json_array_file_is_read_too(tmp_path: Path) -> None:
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"text": f"文{i}", "label": "ab"[i % 2]} for i in range(10)], ensure_ascii=False, indent=1), encoding="utf-8")
+    run_own(tmp_path / "out", "--input", str(data), "--text_fields", "text", "--label_field", "label")
+    assert len(read_lines(tmp_path / "out" / "all.jsonl")) == 10
+
+
+def test_a_utf8_file_read_with_another_encoding_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_table(tmp_path / "d.csv", ["本文", "カテゴリ"], [["文です", "政治"], ["文", "経済"]], encoding="utf-8")
+    assert own_error(tmp_path, data, "--encoding", "cp932").endswith("; it reads as utf-8: pass --encoding utf-8")
+    # Some UTF-8 text decodes as cp932 too, into other characters: a warning says so.
+    latin = write_table(tmp_path / "l.csv", ["text", "label"], [["café", "a"], ["thé", "b"]], encoding="utf-8")
+    run_own(tmp_path / "out", "--input", str(latin), "--text_fields", "text", "--label_field", "label", "--encoding", "cp932")
+    assert f"warning: {latin} is valid UTF-8 but was read as cp932 (--encoding): is that right?" in capsys.readouterr().out
