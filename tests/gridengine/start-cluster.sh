@@ -53,8 +53,8 @@ write_if_changed "$common/act_qmaster" "localhost" && restart=1
 
 # 3. qmaster (restarted if its names changed), and this host as a submit host.
 if [ "$restart" = 1 ] && pgrep -x sge_qmaster >/dev/null; then
-  pkill -x sge_execd || true
-  pkill -x sge_qmaster || true
+  qconf -ke all >/dev/null 2>&1 || true  # Grid Engine's own shutdown of its daemons
+  qconf -km >/dev/null 2>&1 || true
   for _ in $(seq 30); do pgrep -x sge_qmaster >/dev/null || break; sleep 1; done
 fi
 if ! pgrep -x sge_qmaster >/dev/null; then
@@ -62,7 +62,7 @@ if ! pgrep -x sge_qmaster >/dev/null; then
 fi
 for _ in $(seq 30); do qconf -sh >/dev/null 2>&1 && break; sleep 1; done
 qconf -sh >/dev/null 2>&1 || fail "qmaster does not answer after 30 s (see /var/spool/gridengine/qmaster/messages)"
-qconf -ss 2>/dev/null | grep -qx localhost || qconf -as localhost >/dev/null
+qconf -ss 2>/dev/null | grep -qx localhost || qconf -as localhost >/dev/null 2>&1
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
