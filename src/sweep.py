@@ -51,7 +51,8 @@ from tap import Tap
 
 import aggregate
 import claims
-import train
+import runs
+import train  # for train.py's command line only (its Args), which the sweep checks and forwards
 import utils
 from launch import TRAIN_PY, Launch, Slot, SlurmRun, command_line, run_logged, thread_slot, train_command
 from utils import InputError
@@ -97,12 +98,6 @@ AXES = {
     "dataset_dir": "--dataset_dirs",
     "output_root": "--output_root",
 }
-
-# A finished run counts for a combination when its config matches in every field but these:
-# aggregate.py's execution-only fields (device, num_workers, eval_batch_size, ...). Seed and
-# dataset_dir, which aggregate.py averages over, are axes of the sweep, so they must match too.
-IGNORED_FIELDS = aggregate.NOT_SETTING_FIELDS - set(aggregate.REPETITION_FIELDS)
-
 
 class Args(Tap):
     """Run src/train.py for every combination of models x lrs x seeds x dataset_dirs, skipping those
@@ -207,7 +202,7 @@ class Combination:
 
     def slug(self) -> str:
         """The combination in a file name: model (as its run folders name it), lr, seed, dataset."""
-        model = train.run_dir_name(self.model_name, datetime.now()).parts[0]
+        model = runs.run_dir_name(self.model_name, datetime.now()).parts[0]
         name = f"{model}_lr={self.lr:g}_seed={self.seed}_{'_'.join(self.dataset_dir.parts[-2:])}"
         return re.sub(r"[^\w.=+-]+", "_", name)
 
@@ -220,8 +215,10 @@ class Combination:
 
 
 def setting_key(config: dict[str, Any]) -> frozenset[tuple[str, Any]]:
-    """What a run learned, as a hashable value: the config without the execution-only fields."""
-    return frozenset(aggregate.setting_of(config, IGNORED_FIELDS).items())
+    """What a run learned, as a hashable value: the config without its runtime options (device,
+    num_workers, eval_batch_size, ...) and facts. Seed and dataset_dir, which aggregate.py averages
+    over, are axes of the sweep, so they must match too."""
+    return frozenset(aggregate.setting_of(config, repetitions=False).items())
 
 
 def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
@@ -242,7 +239,7 @@ def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
 def claim_name(combination: Combination, config: dict[str, Any]) -> str:
     """The name of a combination's claim: readable, and the same in every sweep process with the same
     setting (a digest of it: two sweeps that differ in a forwarded setting claim different names)."""
-    setting = sorted(aggregate.setting_of(config, IGNORED_FIELDS).items())
+    setting = sorted(aggregate.setting_of(config, repetitions=False).items())
     digest = hashlib.sha256(utils.to_json(setting).encode("utf-8")).hexdigest()[:12]
     return f"{combination.slug()[:150]}-{digest}"
 
@@ -250,7 +247,7 @@ def claim_name(combination: Combination, config: dict[str, Any]) -> str:
 def resumable_run(output_root: Path, combination: Combination, key: frozenset[tuple[str, Any]]) -> Path | None:
     """The newest RESUMABLE run folder of this setting under `output_root` (config.json and checkpoint.pt,
     no test-metrics.json), or None. Only the model's own folder is searched."""
-    model_dir = output_root / train.run_dir_name(combination.model_name, datetime.now()).parts[0]
+    model_dir = output_root / runs.run_dir_name(combination.model_name, datetime.now()).parts[0]
     found = []
     for run_dir in aggregate.find_run_dirs(model_dir) if model_dir.is_dir() else []:
         if aggregate.is_finished(run_dir) or not (run_dir / "checkpoint.pt").is_file():
@@ -281,7 +278,7 @@ def resume_argv(run_dir: Path, forwarded: Sequence[str]) -> list[str] | None:
     if "--resume" not in train_options():
         return None
     config = utils.load_json(run_dir / "config.json")
-    runtime = set(config.get("runtime_options", aggregate.NOT_SETTING_FIELDS - set(aggregate.REPETITION_FIELDS)))
+    runtime = aggregate.not_setting_fields(config, repetitions=False) - set(aggregate.RUN_FACTS)
     kept = [g for g in option_groups(forwarded) if g[0].removeprefix("--").split("=", 1)[0] in runtime]
     return ["--resume", str(run_dir), *itertools.chain.from_iterable(kept)]
 
@@ -295,11 +292,11 @@ def combination_configs(
     train.py's parser is built once (building it takes ~15 ms, and a full sweep has thousands of
     combinations); each combination then sets its own axes, with the types train.Args gives them.
     """
-    base = train.args_to_json(train.Args().parse_args(combinations[0].train_argv(output_root, forwarded)))
+    base = runs.args_to_json(train.Args().parse_args(combinations[0].train_argv(output_root, forwarded)))
     return [
         {
             **base, "model_name": c.model_name, "lr": float(c.lr), "seed": int(c.seed), "dataset_dir": str(c.dataset_dir),
-            "output_root": str(output_root), "world_size": world_size,
+            "output_root": str(output_root), "runtime_options": list(train.RUNTIME_OPTIONS), "world_size": world_size,
         }
         for c in combinations
     ]
