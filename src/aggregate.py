@@ -31,11 +31,12 @@ class Args(Tap):
 
 METRICS = ("loss", "accuracy", "precision", "recall", "f1")
 SCORES = ("accuracy", "precision", "recall", "f1")  # the metrics reported with a std, in percent
+MICRO_SCORES = ("micro_precision", "micro_recall", "micro_f1")  # multi-label runs only: columns where some run has them
 
 # Runs that differ only in these are repetitions of one setting: their scores are averaged.
 REPETITION_FIELDS = ("seed", "dataset_dir")
 # Fields of config.json that are not train.py options: what a run found or where it was, not what it learned.
-RUN_FACTS = ("runtime_options", "run_dir", "num_params", "num_encoder_params", "num_labels", "environment")
+RUN_FACTS = ("runtime_options", "run_dir", "num_params", "num_encoder_params", "num_labels", "problem_type", "environment")
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
 # them itself under "runtime_options" (train.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (
@@ -131,7 +132,7 @@ def load_run(
     """config, val metrics and test metrics of a finished run; InputError says what is wrong."""
     config = read_json_object(run_dir, "config.json", config_fields, optional_config_fields)
     val = read_json_object(run_dir, "val-metrics.json", val_fields)
-    test = read_json_object(run_dir, "test-metrics.json", test_fields)
+    test = read_json_object(run_dir, "test-metrics.json", test_fields, {m: NUMBER for m in MICRO_SCORES})
     return config, val, test
 
 
@@ -151,6 +152,7 @@ def run_row(
         "best-val-epoch": val["best-epoch"],
         "best-val-f1": val["f1"],
         **{metric: test[metric] for metric in metrics},
+        **{metric: test[metric] for metric in MICRO_SCORES if metric in test},
         "num_params": config["num_params"],
         # The encoder without the head, as the reference's table counts; older runs recorded only the total.
         "num_encoder_params": config.get("num_encoder_params", config["num_params"]),
@@ -258,18 +260,22 @@ def format_score(mean: float, std: float, n_runs: int, bold: bool = False) -> st
 
 
 def markdown_table(best: pd.DataFrame, scores: tuple[str, ...] = SCORES) -> str:
-    """The reference's results table (Markdown), one row per model, best F1 in bold."""
+    """The reference's results table (Markdown), one row per model, best F1 in bold; Micro-F1 after F1
+    where a run is multi-label (accuracy is then subset accuracy)."""
+    if "micro_f1" in best.columns and best["micro_f1"].notna().any():
+        scores = (*scores, "micro_f1")
+    headers = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1", "micro_f1": "Micro-F1"}
     lines = [
-        "| Model | Params | Accuracy | Precision | Recall | F1 | n |",
-        "| ----- | -----: | :------: | :-------: | :----: | :-: | -: |",
+        "| Model | Params | " + " | ".join(headers[s] for s in scores) + " | n |",
+        "| ----- | -----: | " + " | ".join(":" + "-" * max(1, len(headers[s]) - 2) + ":" for s in scores) + " | -: |",
     ]
     best_f1 = best["f1"].max()
     for row in best.to_dict("records"):
         name = row["model_name"]
         model = f"[{name}](https://huggingface.co/{name})" if is_hub_id(name) else name
         cells = [
-            format_score(row[s], row[f"{s}_std"], row["n_runs"], bold=(s == "f1" and row["f1"] == best_f1))
-            for s in scores
+            "-" if pd.isna(row[s]) else format_score(row[s], row[f"{s}_std"], row["n_runs"], bold=(s == "f1" and row["f1"] == best_f1))
+            for s in scores  # "-": a single-label model has no micro-F1
         ]
         lines.append(f"| {model} | {format_params(row['num_encoder_params'])} | {' | '.join(cells)} | {row['n_runs']} |")
     return "\n".join(lines) + "\n"
@@ -364,7 +370,8 @@ def main(args: Args) -> None:
     keys = ["model_name", "lr", *extra]
     runs = runs.sort_values([*keys, "dataset", "seed", "run_dir"], kind="stable").reset_index(drop=True)
 
-    best = best_settings(summarize_settings(runs, keys), keys)
+    scores = SCORES + tuple(m for m in MICRO_SCORES if m in runs.columns)
+    best = best_settings(summarize_settings(runs, keys, scores), keys)
     table = markdown_table(best)
 
     # Figures of results/, from the files of the best settings' runs.
