@@ -116,13 +116,14 @@ def window_counts(window: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
 
 def accumulate_gradients(
     train_model: torch.nn.Module, window: list[dict[str, torch.Tensor]], window_size: int, device: torch.device,
-    autocast: Any, scaler: torch.amp.GradScaler, world_size: int, objective: Objective,
+    autocast: Any, scaler: torch.amp.GradScaler, world_size: int, objective: Objective = Objective(),
 ) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step; return their summed loss.
 
     Each loss is divided by the example count of the whole window (`window_size`, over all its
     micro-batches), so every example weighs the same whatever the micro-batch sizes: the gradient
-    equals that of one batch of the window.
+    equals that of one batch of the window. The per-example loss is the objective's (default:
+    single-label cross-entropy).
     """
     total = torch.zeros((), device=device)
     for i, batch in enumerate(window):
@@ -281,7 +282,7 @@ def main(args: Args) -> Path:
             with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0) as progress:
                 for window in chunked(train_loader, args.gradient_accumulation_steps):
                     step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
-                    window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size, objective)
+                    window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size, objective=objective)
                     if world_size > 1:  # the loss, examples and tokens of this step over all processes
                         stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
                         dist.all_reduce(stats)
