@@ -330,7 +330,7 @@ def markdown_table(best: pd.DataFrame, scores: tuple[str, ...] = SCORES) -> str:
     (3e-05) and the number of runs; best F1 in bold (per task, with a Task column where runs solved several);
     Micro-F1 after F1 where a run is multi-label (accuracy is then subset accuracy; "-" for single-label models)."""
     tasks = "task" in best.columns
-    micro = "micro_f1" in best.columns and best["micro_f1"].notna().any()
+    micro = bool("micro_f1" in best.columns and best["micro_f1"].notna().any())
     if micro:
         scores = (*scores, "micro_f1")
     header = ["Task"] * tasks + ["Model", "Params", "LR", "Accuracy", "Precision", "Recall", "F1", *["Micro-F1"] * micro, "n"]

@@ -603,8 +603,8 @@ def test_multi_label_runs_add_micro_columns(tmp_path: Path, capsys: pytest.Captu
     assert best.loc[LUKE, "micro_f1"] == pytest.approx(0.85) and best.loc[LUKE, "micro_f1_std"] == pytest.approx(0.0707, abs=1e-4)
     assert np.isnan(best.loc[BERT, "micro_f1"])
     table = (tmp_path / "results" / "best.md").read_text(encoding="utf-8").splitlines()
-    assert table[0] == "| Model | Params | Accuracy | Precision | Recall | F1 | Micro-F1 | n |"
-    assert table[1] == "| ----- | -----: | :------: | :-------: | :----: | :-: | :------: | -: |"
+    assert table[0] == "| Model | Params | LR | Accuracy | Precision | Recall | F1 | Micro-F1 | n |"
+    assert table[1] == "| ----- | -----: | -: | :------: | :-------: | :----: | :-: | :------: | -: |"
     rows = {line.split(" | ")[0]: line for line in table[2:]}
     assert rows[f"| [{LUKE}](https://huggingface.co/{LUKE})"].endswith("| 85.00 ± 7.07 | 2 |")
     assert rows[f"| [{BERT}](https://huggingface.co/{BERT})"].endswith("| - | 1 |")
