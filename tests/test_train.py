@@ -486,3 +486,23 @@ def test_new_options_are_checked(flags: list[str], message: str, capsys: pytest.
     with pytest.raises(SystemExit):
         train.Args().parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_a_multi_label_csv_from_prepare_trains(make_train_args, dataset_dir: Path, tmp_path: Path) -> None:
+    """prepare.py --input with --label_sep, then train.py: the user's path, Japanese column names included."""
+    import prepare
+
+    rows = utils.load_jsonl(dataset_dir / "all.jsonl")
+    tags = lambda row: row["category"] + ("|グループ" if row["label"] < 3 else "")  # noqa: E731
+    utils.save_csv(["タイトル", "本文", "タグ"], ([r["title"], r["body"], tags(r)] for r in rows), tmp_path / "tags.csv")
+    prepare.main(prepare.Args().parse_args([
+        "--input", str(tmp_path / "tags.csv"), "--text_fields", "タイトル", "本文", "--label_field", "タグ", "--label_sep", "|",
+        "--output_dir", str(tmp_path / "tags"),
+    ]))  # fmt: skip
+    run_dir = train.main(make_train_args(tmp_path / "out", "--dataset_dir", str(tmp_path / "tags"), "--text_fields", "タイトル", "本文", "--epochs", "2"))
+    assert read_json(run_dir / "config.json")["problem_type"] == "multi_label_classification"
+    label2id = read_json(tmp_path / "tags" / "label2id.json")
+    predictions = utils.load_jsonl(run_dir / "test-predictions.jsonl")
+    assert all(isinstance(p["label"], list) and isinstance(p["pred"], list) for p in predictions)
+    assert any(label2id["グループ"] in p["label"] for p in predictions)
+    assert {"micro_f1", "f1", "accuracy"} <= set(read_json(run_dir / "test-metrics.json"))
