@@ -35,7 +35,10 @@ SCORES = ("accuracy", "precision", "recall", "f1")  # the metrics reported with 
 # Runs that differ only in these are repetitions of one setting: their scores are averaged.
 REPETITION_FIELDS = ("seed", "dataset_dir")
 # Fields of config.json that are not train.py options: what a run found or where it was, not what it learned.
-RUN_FACTS = ("runtime_options", "run_dir", "num_params", "num_encoder_params", "num_labels", "environment")
+RUN_FACTS = ("runtime_options", "run_dir", "num_params", "num_encoder_params", "num_labels", "environment", "truncation_report")
+# Settings added to train.py after runs were made, with the value those older runs had: --truncation
+# head is what train.py always did, so an older run and a new default one are the same setting.
+OLDER_SETTINGS = {"truncation": "head", "head_tokens": None}
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
 # them itself under "runtime_options" (train.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (
@@ -177,7 +180,7 @@ def setting_of(config: dict[str, Any], repetitions: bool = True) -> dict[str, An
     ignored = not_setting_fields(config, repetitions)
     return {
         key: utils.to_json(value) if isinstance(value, (list, dict)) else value
-        for key, value in {**config, "world_size": world_size_of(config)}.items()
+        for key, value in {**OLDER_SETTINGS, **config, "world_size": world_size_of(config)}.items()
         if key not in ignored
     }
 

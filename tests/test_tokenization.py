@@ -310,6 +310,28 @@ def test_a_dataset_with_long_titles_trains_and_reports_them(make_train_args, dat
     assert "train: 3 row(s) whose title alone fills --max_seq_len 32: title truncated to fit, body left out" in out
     assert "val: 1 row(s) whose title alone fills" in out and "test: 0 row(s)" not in out
     assert (run_dir / "test-metrics.json").exists()
+    # Each split's truncation report: printed, and recorded in config.json beside the settings.
+    config = utils.load_json(run_dir / "config.json")
+    assert (config["truncation"], config["head_tokens"]) == ("head", None)
+    report = config["truncation_report"]
+    assert set(report) == set(SPLITS) and report["train"]["examples"] == 216 and report["train"]["truncated"] >= 3
+    for split in SPLITS:
+        line = tokenization.truncation_note(split, report[split], layout(32))
+        assert line in out and line.startswith(f"{split}: {report[split]['truncated']} of {report[split]['examples']} examples truncated")
+
+
+def test_truncation_flags(make_train_args, tmp_path: Path, capsys) -> None:
+    assert make_train_args(tmp_path, "--truncation", "head_tail").head_tokens == 16  # 64 / 4, recorded as the number used
+    assert make_train_args(tmp_path, "--truncation", "head_tail", "--max_seq_len", "512").head_tokens == 128
+    assert make_train_args(tmp_path, "--truncation", "head_tail", "--head_tokens", "5").head_tokens == 5
+    assert make_train_args(tmp_path, "--truncation", "tail").head_tokens is None
+    for flags, message in [
+        (["--head_tokens", "5"], "--head_tokens applies to truncation head_tail only (truncation is head)"),
+        (["--truncation", "head_tail", "--head_tokens", "64"], "--head_tokens must be at least 0 and below max_seq_len 64, got 64"),
+    ]:
+        with pytest.raises(SystemExit):
+            make_train_args(tmp_path, *flags)
+        assert message in capsys.readouterr().err
 
 
 # --- worker processes and CPU affinity (issue 9) ----------------------------------------------
