@@ -46,8 +46,9 @@ RUN_FACTS = (
     "runtime_options", "run_dir", "dataset", "num_params", "num_encoder_params", "num_labels", "problem_type", "environment", "truncation_report",
 )  # fmt: skip
 # Settings added to train.py after runs were made, with the value those older runs had: --truncation
-# head is what train.py always did, so an older run and a new default one are the same setting.
-OLDER_SETTINGS = {"truncation": "head", "head_tokens": None}
+# head is what train.py always did (and no class weights, no early stopping, the 0.5 threshold that
+# single-label runs never use), so an older run and a new default one are the same setting.
+OLDER_SETTINGS = {"truncation": "head", "head_tokens": None, "threshold": 0.5, "class_weights": "none", "early_stopping_patience": 0}
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
 # them itself under "runtime_options" (train.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (

@@ -640,3 +640,14 @@ def test_a_bad_micro_score_is_reported(tmp_path: Path, capsys: pytest.CaptureFix
     utils.save_json({**utils.load_json(bad / "test-metrics.json"), "micro_f1": "high"}, bad / "test-metrics.json")
     run_aggregate(outputs, tmp_path / "results")
     assert f"skipped {bad}: test-metrics.json: micro_f1 is 'high', expected int or float" in capsys.readouterr().err
+
+
+def test_settings_older_runs_lack_take_train_pys_defaults() -> None:
+    """A run made before a setting existed trained as its default does: the same setting as a new default run."""
+    import train
+
+    defaults = train.Args().parse_args([]).as_dict()
+    assert {name: defaults[name] for name in aggregate.OLDER_SETTINGS} == aggregate.OLDER_SETTINGS
+    new_default_run = {"lr": 1e-5, **aggregate.OLDER_SETTINGS}
+    assert aggregate.setting_of({"lr": 1e-5}) == aggregate.setting_of(new_default_run)
+    assert aggregate.setting_of({"lr": 1e-5}) != aggregate.setting_of({**new_default_run, "class_weights": "balanced"})
