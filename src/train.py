@@ -6,7 +6,9 @@
 The run folder OUTPUT_ROOT/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/ receives, in this order:
 config.json (at the start), log.csv (a row per evaluation), val-metrics.json, test-predictions.jsonl,
 test-per-class.csv, test-confusion-matrix.csv, the figures curves.png and test-confusion-matrix.png,
-model/ (with --save_model), and test-metrics.json last: its presence means the run finished.
+model/ (with --save_model), and test-metrics.json last: its presence means the run finished. A dataset
+whose labels are lists of ids trains as multi-label (evaluation.py); its run has test-label-counts.csv
+and test-label-counts.png (TP/FP/FN/TN per label) in place of the confusion matrix.
 
 This file is the experiment: its options (Args) and main(), which reads top to bottom. The parts
 it shares with predict.py and sweep.py live in data.py, modeling.py, evaluation.py, runs.py and
@@ -27,7 +29,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers
 from more_itertools import chunked
 from tap import Tap
@@ -39,13 +40,13 @@ import plot
 import runs
 import tokenization
 import utils
-from data import SPLITS, collate, load_description, load_label2id, load_split, shard_by_length
+from data import SPLITS, collate, load_description, load_label2id, load_split, problem_type, shard_by_length
 from distributed import gather_on_every_rank, init_distributed, leaves_process_group, on_rank_0
-from evaluation import evaluate
+from evaluation import Objective, early_stop, evaluate, make_objective
 from modeling import (
     check_max_seq_len, count_encoder_params, freeze_unreachable, load_model, param_groups, resolve_device, resolve_dtype, save_model,
 )
-from runs import make_run_dir, run_config, save_log, write_test_outputs
+from runs import make_run_dir, record_in_config, run_config, save_log, write_test_outputs
 from utils import InputError, log
 
 
@@ -90,6 +91,8 @@ class Args(Runtime):
     lr: float = 3e-5  # peak learning rate of AdamW
     num_warmup_epochs: int = 2  # epochs of linear warm-up; the learning rate then decays linearly to 0 (longer than --epochs: the peak --lr is never reached)
     max_seq_len: int = 512  # tokens per example, [CLS] and [SEP]s included
+    truncation: Literal["head", "tail", "head_tail"] = "head"  # what of a last text (the body) too long for --max_seq_len is kept: head (its start, as the reference), tail (its end), head_tail (its first --head_tokens tokens and the rest from its end; Sun et al. 2019)
+    head_tokens: int | None = None  # head_tail: tokens kept from the start of the body (default: --max_seq_len / 4, i.e. 128 at 512, the other 382 from its end); recorded as the number used
     weight_decay: float = 0.01  # AdamW weight decay for matrices (biases and norm weights get none)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this x devices)
     max_grad_norm: float = 0.0  # clip the gradient norm to this; 0 (the default, as in the reference): no clipping
@@ -97,6 +100,9 @@ class Args(Runtime):
 
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast precision; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS
     seed: int = 42  # seed of the model's new head, the shuffling and dropout
+    threshold: float = 0.5  # multi-label datasets (labels are lists of ids): a label is predicted when its sigmoid probability reaches this; unused for single-label
+    class_weights: Literal["none", "balanced"] = "none"  # balanced: weigh the loss by inverse label frequency in train (single-label: n / (K x n_label) per class; multi-label: pos_weight n_negative / n_positive per label)
+    early_stopping_patience: int = 0  # stop when val macro-F1 has not improved for this many evaluations (epochs); 0 (the default, as in the reference): train all --epochs
     reinit_head: bool = False  # a checkpoint with a classification head of another size (e.g. a fine-tuned 2-class model): replace that head with a new, random one (printed) instead of refusing
 
     def process_args(self) -> None:
@@ -105,10 +111,18 @@ class Args(Runtime):
                 self.error(f"--{name} must be at least 1")
         if not 1 <= len(self.text_fields) <= 2:
             self.error("--text_fields takes one field (a single text) or two (a pair)")
+        try:  # head_tail's default head, scaled to --max_seq_len, is recorded as the number it is
+            self.head_tokens = tokenization.InputLayout.of(self).head_tokens
+        except InputError as e:
+            self.error(f"--{e}")
         if self.num_warmup_epochs < 0:
             self.error("--num_warmup_epochs cannot be negative")
         if self.max_grad_norm < 0:
             self.error("--max_grad_norm cannot be negative (0 disables clipping)")
+        if not 0 < self.threshold < 1:
+            self.error("--threshold must lie between 0 and 1 (a sigmoid probability)")
+        if self.early_stopping_patience < 0:
+            self.error("--early_stopping_patience cannot be negative (0 disables early stopping)")
 
 
 RUNTIME_OPTIONS = tuple(Runtime.__annotations__)  # the fields declared in Runtime, in their order
@@ -166,13 +180,14 @@ def window_counts(window: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
 
 def accumulate_gradients(
     train_model: torch.nn.Module, window: list[dict[str, torch.Tensor]], window_size: int, device: torch.device,
-    autocast: Any, scaler: torch.amp.GradScaler, world_size: int,
+    autocast: Any, scaler: torch.amp.GradScaler, world_size: int, objective: Objective = Objective(),
 ) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step; return their summed loss.
 
     Each loss is divided by the example count of the whole window (`window_size`, over all its
     micro-batches), so every example weighs the same whatever the micro-batch sizes: the gradient
-    equals that of one batch of the window.
+    equals that of one batch of the window. The per-example loss is the objective's (default:
+    single-label cross-entropy).
     """
     total = torch.zeros((), device=device)
     for i, batch in enumerate(window):
@@ -184,7 +199,7 @@ def accumulate_gradients(
         with nullcontext() if sync else train_model.no_sync():
             with autocast():  # the forward pass only; the loss is computed in fp32
                 logits = train_model(**batch).logits
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = objective.loss(logits.float(), labels).sum()
             scaler.scale(loss / window_size).backward()
         total += loss.detach()
     return total
@@ -244,8 +259,11 @@ def main(args: Args) -> Path:
     id2label = {i: label for label, i in label2id.items()}
     rows = {split: load_split(args.dataset_dir, split, args.text_fields, len(label2id)) for split in SPLITS}
     dataset = load_description(args.dataset_dir, label2id)
+    # The task type, decided once from the labels: it fixes the loss, the decision and the metrics (evaluation.Objective).
+    objective = make_objective(problem_type(args.dataset_dir, rows), len(label2id), args.threshold, args.class_weights, [r["label"] for r in rows["train"]])
 
     tokenizer, model = load_model(args.model_name, label2id, args.reinit_head)
+    objective.record_in(model.config)  # a saved model, and predict.py, know the task type and threshold
     positions = check_max_seq_len(args.max_seq_len, model, tokenizer, args.model_name)
     num_params = sum(p.numel() for p in model.parameters())
     num_encoder_params = count_encoder_params(model)  # without the head, as the reference's table counts
@@ -253,7 +271,9 @@ def main(args: Args) -> Path:
     # The settings are on disk before any training: a crashed run still says what it was.
     def start_run_folder() -> Path:
         run_dir = make_run_dir(args.output_root, args.model_name)
-        config = run_config(args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, dataset)
+        config = run_config(
+            args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, dataset, objective.problem_type
+        )
         utils.save_json(config, run_dir / "config.json")
         return run_dir
 
@@ -261,17 +281,20 @@ def main(args: Args) -> Path:
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
     log(positions)
+    log(objective.describe())
     # From here on, Ctrl-C or SIGTERM ends the run in one line that says whether and how to resume it.
     with says_how_to_resume(run_dir, world_size):
         # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
-        examples = tokenization.tokenize_splits(
-            rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, text_fields=args.text_fields,
-            max_seq_len=args.max_seq_len, token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
+        layout = tokenization.InputLayout.of(args)
+        examples, truncation_report = tokenization.tokenize_splits(
+            rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, layout=layout,
+            token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
             slow=args.slow_tokenizer, num_workers=args.num_workers, log=log,
             cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
         )
+        on_rank_0(lambda: record_in_config(run_dir, truncation_report=truncation_report), rank, world_size)
 
-        pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
+        pad = partial(collate, pad_token_id=tokenizer.pad_token_id, num_labels=len(label2id))
         # The training order depends on the seed and the epoch alone (set_epoch), so a resumed run sees the same batches.
         sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
         pin = device.type == "cuda"  # pinned host memory lets the copy to the GPU overlap with compute
@@ -312,7 +335,7 @@ def main(args: Args) -> Path:
             )
 
         def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
-            return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
+            return evaluate(compiled, eval_loaders[split], device, autocast, world_size, objective)
 
         log_rows: list[dict[str, Any]] = []
 
@@ -363,7 +386,7 @@ def main(args: Args) -> Path:
                 with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0) as progress:
                     for window in chunked(train_loader, args.gradient_accumulation_steps):
                         step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
-                        window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)
+                        window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size, objective=objective)
                         if world_size > 1:  # the loss, examples and tokens of this step over all processes
                             stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
                             dist.all_reduce(stats)
@@ -384,6 +407,12 @@ def main(args: Args) -> Path:
                 if val_metrics["f1"] > best_f1:
                     best_epoch, best_f1 = epoch, val_metrics["f1"]
                     best_state = clone_state(model)
+                if early_stop(epoch, best_epoch, args.early_stopping_patience):  # the same on every rank: all see the same metrics
+                    log(
+                        f"early stopping after epoch {epoch} of {args.epochs}: val macro-F1 has not improved for "
+                        f"{args.early_stopping_patience} evaluation(s) since epoch {best_epoch} (log.csv ends at epoch {epoch})"
+                    )
+                    break  # before its checkpoint: a run resumed after this point trains this epoch again and stops here again
                 if args.checkpoint != "off":
                     save_checkpoint(epoch)
 
@@ -394,13 +423,13 @@ def main(args: Args) -> Path:
 
         def write_results() -> None:
             utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
-            write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
+            write_test_outputs(run_dir, test_predictions, rows["test"], id2label, objective)
             try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
                 plot.draw_run(run_dir)
             except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
                 log(f"warning: figures not drawn ({type(e).__name__}: {utils.first_line(e)}); redraw them with python src/plot.py --run_dirs {run_dir}")
             if args.save_model:
-                save_model(model, tokenizer, run_dir / "model", args.text_fields, args.max_seq_len)
+                save_model(model, tokenizer, run_dir / "model", layout)
             utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
             if args.checkpoint != "keep":
                 runs.remove_checkpoint(run_dir)
