@@ -155,6 +155,12 @@ class TrainingError(InputError):
     """Training cannot go on (the loss diverged): reported in one line, like bad input."""
 
 
+def divergence_hint(dtype: torch.dtype) -> str:
+    """What to try when the loss diverges: a lower lr always; another precision only where one applies."""
+    other = {torch.float16: " or use --dtype bf16 (or fp32: fp16 overflows easily)", torch.bfloat16: " or use --dtype fp32"}
+    return f"lower --lr (or clip with --max_grad_norm 1.0){other.get(dtype, '')}"
+
+
 # --- the experiment ---------------------------------------------------------------------------
 
 
@@ -277,7 +283,7 @@ def main(args: Args) -> Path:
                     else:
                         step_loss = window_loss.item()  # the one device sync of a step
                     if not math.isfinite(step_loss):
-                        raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
+                        raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: {divergence_hint(dtype)}")
                     loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
                     optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
                     progress.update()

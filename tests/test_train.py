@@ -331,10 +331,17 @@ def test_model_that_cannot_be_loaded_offline(make_train_args, tmp_path: Path) ->
 
 
 def test_diverging_loss_stops_the_run(make_train_args, tmp_path: Path) -> None:
-    with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf) in epoch 1: lower --lr"):
+    with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf) in epoch 1: lower --lr") as e:
         train.main(make_train_args(tmp_path, "--lr", "1e20", "--num_warmup_epochs", "0", "--max_grad_norm", "0"))
+    assert "--dtype" not in str(e.value)  # the run is already fp32 (CPU): no other precision to suggest
     (run_dir,) = tmp_path.glob("*/*/*")
     assert not (run_dir / "test-metrics.json").exists()
+
+
+def test_divergence_hint_suggests_only_what_applies() -> None:
+    assert train.divergence_hint(torch.float32) == "lower --lr (or clip with --max_grad_norm 1.0)"
+    assert train.divergence_hint(torch.bfloat16).endswith("or use --dtype fp32")
+    assert "--dtype bf16" in train.divergence_hint(torch.float16)
 
 
 def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
