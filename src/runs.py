@@ -54,8 +54,10 @@ def git_commit() -> str | None:
 
 
 def args_to_json(args: Tap) -> dict[str, Any]:
-    """The arguments as config.json stores them: paths as strings, everything else with its JSON type."""
-    return {key: str(value) if isinstance(value, Path) else value for key, value in args.as_dict().items()}
+    """The arguments as config.json stores them: paths as strings, everything else with its JSON type,
+    in the order the Args classes declare them (Tap's as_dict order follows set iteration, which varies)."""
+    values = args.as_dict()
+    return {key: str(values[key]) if isinstance(values[key], Path) else values[key] for key in args.class_variables if key in values}
 
 
 def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
@@ -76,7 +78,8 @@ def run_config(
     The process count is a setting, not an environment detail: it multiplies the effective batch
     and divides the optimizer steps, so runs with different counts are different experiments.
     """
-    config = args_to_json(args)
+    # Settings first, then runtime options, each in declaration order; then the derived fields.
+    config = dict(sorted(args_to_json(args).items(), key=lambda item: item[0] in runtime_options))
     environment = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),

@@ -121,6 +121,10 @@ def test_config_is_written_with_json_types_and_rebuilds_the_args(finished_run: P
     # The runtime options, as train.py declares them; the same split as aggregate.py's list for older runs.
     assert config["runtime_options"] == list(train.RUNTIME_OPTIONS) == list(train.Runtime.__annotations__)
     assert set(config["runtime_options"]) == set(aggregate.OLD_RUNTIME_OPTIONS)
+    # A stable order, whatever the hash seed: the settings as Args declares them, then the runtime options, then derived fields.
+    declared = [*train.Args.__annotations__, *train.Runtime.__annotations__]
+    assert list(config)[: len(declared)] == declared
+    assert list(config)[len(declared) :][:2] == ["runtime_options", "world_size"]
     # Enough to re-run: the arguments parse back to the same values.
     fields = train.Args().parse_args([]).as_dict().keys()
     rebuilt = train.Args().parse_args([]).from_dict({k: config[k] for k in fields})
