@@ -39,7 +39,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, au
     """Per-example index, label, logits (fp32) and loss for this process's shard."""
     model.eval()
     out = []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not utils.is_main_process()):
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not utils.show_progress()):
         inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "index")}
         with autocast():
             logits = model(**inputs).logits.float()

@@ -6,9 +6,11 @@ DeBERTa, ...): rules are structural (tensor shapes, gradients), not lists of par
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,14 +66,17 @@ def load_model(model_name: str, label2id: dict[str, int], reinit_head: bool = Fa
     constructed, a missing optional package) is an InputError in one line. A checkpoint whose head
     has another number of labels is refused unless `reinit_head`, which replaces that head.
     """
+    check_model_folder(model_name)
+    source = os.path.expanduser(model_name)  # ~/models/x, as a shell would expand it unquoted
     id2label = {i: label for label, i in label2id.items()}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        tokenizer = AutoTokenizer.from_pretrained(source)
         # Mismatched sizes are reported, not raised, so that they can be judged below by what they are.
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            model_name, num_labels=len(label2id), id2label=id2label, label2id=label2id,
-            ignore_mismatched_sizes=True, output_loading_info=True,
-        )  # fmt: skip
+        with quiet_load_report():
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=len(label2id), id2label=id2label, label2id=label2id,
+                ignore_mismatched_sizes=True, output_loading_info=True,
+            )  # fmt: skip
     except OSError as e:
         raise InputError(
             f"cannot load model {model_name!r} ({utils.first_line(e)}). Without network access, only models already "
@@ -80,7 +85,56 @@ def load_model(model_name: str, label2id: dict[str, int], reinit_head: bool = Fa
     except LOAD_ERRORS as e:
         raise InputError(f"cannot load the tokenizer or model of {model_name!r}: {type(e).__name__}: {utils.first_line(e)}") from None
     check_head(model, sorted(loading["mismatched_keys"]), model_name, reinit_head)
+    report_new_weights(model, sorted(loading["missing_keys"]), model_name)
     return tokenizer, model
+
+
+def looks_like_path(name: str) -> bool:
+    """A --model_name meant as a local folder: it starts with ., / or ~, or its parent folder exists (models/tiny-luke)."""
+    path = Path(name).expanduser()
+    return name.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+
+
+def check_model_folder(model_name: str) -> None:
+    """A path-like name that does not exist is a missing folder, not a hub name (whose error would be a network or repo-id one)."""
+    if looks_like_path(model_name) and not Path(model_name).expanduser().exists():
+        raise InputError(
+            f"model folder {model_name} not found: --model_name takes a hub name (e.g. cl-tohoku/bert-base-japanese-v3) "
+            f"or an existing folder saved with save_pretrained"
+        )
+
+
+class DropLoadReport(logging.Filter):
+    """Drops transformers' LOAD REPORT table; report_new_weights says in one line what it would have said."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Without TRANSFORMERS_VERBOSITY=error, every load of a new head prints a table of its "newly initialized"
+    weights: expected here, so that table alone is dropped; every other transformers warning still shows."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    report_filter = DropLoadReport()
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
+
+
+def report_new_weights(model: PreTrainedModel, missing: list[str], model_name: str) -> None:
+    """One line for the new head's random weights (expected); a warning for encoder weights the checkpoint lacks (not expected)."""
+    encoder = [key for key in missing if key.startswith(f"{model.base_model_prefix}.")]
+    head = [key for key in missing if key not in encoder]
+    if head:
+        log(f"new classification head (randomly initialised): {', '.join(head)}")
+    if encoder:
+        log(
+            f"warning: {len(encoder)} encoder weight(s) are not in the checkpoint of {model_name} and were randomly initialised: "
+            f"{', '.join(encoder[:5])}{' ...' if len(encoder) > 5 else ''}: is it the model you meant?"
+        )
 
 
 def count_encoder_params(model: PreTrainedModel) -> int:

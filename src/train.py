@@ -267,13 +267,13 @@ def main(args: Args) -> Path:
     best_state = clone_state(model)
 
     # Progress bars as context managers: closed on an error too, so that the error line starts clean.
-    with trange(1, args.epochs + 1, desc="epochs", disable=rank != 0) as epoch_bar:
+    with trange(1, args.epochs + 1, desc="epochs", disable=not utils.show_progress()) as epoch_bar:
         for epoch in epoch_bar:
             train_model.train()
             sampler.set_epoch(epoch)
             start = time.perf_counter()
             loss_sum, seen, tokens = 0.0, 0, 0
-            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0) as progress:
+            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not utils.show_progress()) as progress:
                 for window in chunked(train_loader, args.gradient_accumulation_steps):
                     step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
                     window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)

@@ -222,6 +222,12 @@ def is_main_process() -> bool:
     return dist is None or not dist.is_initialized() or dist.get_rank() == 0
 
 
+def show_progress() -> bool:
+    """Progress bars only on rank 0 and on a terminal: a log file or a pipe (sweep.py --jobs logs, Slurm, `| tee`)
+    gets the one line per epoch and per evaluation that the stages log anyway, not bar frames (\\r, ESC[A)."""
+    return is_main_process() and sys.stderr.isatty()
+
+
 def log(message: str) -> None:
     """Print a line on rank 0 only (every torchrun process runs the same code), above any progress bar."""
     if is_main_process():

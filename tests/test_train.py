@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -340,6 +344,86 @@ def test_model_that_cannot_be_loaded_offline(make_train_args, tmp_path: Path) ->
     assert "cannot load model 'cl-tohoku/no-such-model-here'" in str(e.value)
     assert "--model_name path/to/model" in str(e.value)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["models/tiny-luke", "./tiny-luke", "/tmp/no-such-model-here", "~/no-such-model-here"])
+def test_a_missing_model_folder_is_named(name: str, make_train_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # models/ exists, models/tiny-luke does not: a mistyped local folder, not a hub name
+    with pytest.raises(InputError) as e:
+        train.main(make_train_args(tmp_path / "outputs", "--model_name", name))
+    assert str(e.value).startswith(f"model folder {name} not found: ")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_hub_names_are_not_taken_for_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert not modeling.looks_like_path("cl-tohoku/bert-base-japanese-v3")  # no cl-tohoku/ folder here
+    assert not modeling.looks_like_path("bert-base-uncased")
+    (tmp_path / "cl-tohoku").mkdir()
+    assert modeling.looks_like_path("cl-tohoku/bert-base-japanese-v3")
+
+
+class RecordWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings(monkeypatch: pytest.MonkeyPatch):
+    """transformers' warnings as a user without .envrc sees them (tests otherwise run with TRANSFORMERS_VERBOSITY=error)."""
+    root = transformers.utils.logging.get_logger()
+    handler = RecordWarnings()
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    root.addHandler(handler)
+    yield handler.messages
+    root.removeHandler(handler)
+
+
+def test_no_load_report_for_the_new_head(tiny_model_dir: Path, dataset_dir: Path, transformers_warnings: list[str], capsys) -> None:
+    label2id = data.load_label2id(dataset_dir)
+    transformers.utils.logging.get_logger("transformers.modeling_utils").warning("a real warning")  # still shows
+    modeling.load_model(str(tiny_model_dir), label2id)
+    assert transformers_warnings == ["a real warning"]  # no LOAD REPORT table
+    assert "new classification head (randomly initialised): classifier.bias, classifier.weight" in capsys.readouterr().out
+
+
+def test_encoder_weights_missing_from_the_checkpoint_are_a_warning(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(key for key in weights if "encoder.layer.0.attention.self.query.weight" in key)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    modeling.load_model(str(broken), data.load_label2id(dataset_dir))
+    out = capsys.readouterr().out
+    assert "warning: 1 encoder weight(s) are not in the checkpoint" in out
+    assert "bert.encoder.layer.0.attention.self.query.weight" in out
+
+
+def test_no_progress_bar_frames_when_the_output_is_not_a_terminal(make_train_args, tmp_path: Path, capfd) -> None:
+    train.main(make_train_args(tmp_path, "--epochs", "2"))
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err and "\x1b[A" not in out + err  # no bar frames in a log file
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["0", "1", "2"]  # a line per evaluation
+
+
+def test_progress_bars_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert utils.show_progress()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not utils.show_progress()
 
 
 def test_diverging_loss_stops_the_run(make_train_args, tmp_path: Path) -> None:
