@@ -30,9 +30,7 @@ from more_itertools import chunked
 from tap import Tap
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm, trange
-from transformers.optimization import get_linear_schedule_with_warmup
 
-import plot
 import tokenization
 import utils
 from data import SPLITS, collate, load_description, load_label2id, load_split, shard_by_length
@@ -146,6 +144,19 @@ def optimizer_step(
     scheduler.step()
 
 
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 to the peak lr, then linear decay to 0 at total_steps: transformers'
+    get_linear_schedule_with_warmup, step for step, without importing transformers.optimization (which
+    imports trainer_utils and peft: seconds of start-up for one formula)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the weights, so the best epoch costs no accelerator memory."""
     return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
@@ -234,7 +245,7 @@ def main(args: Args) -> Path:
     log(decay_summary)
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
+    scheduler = linear_schedule(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
     autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling only for fp16
     log(
@@ -307,6 +318,8 @@ def main(args: Args) -> Path:
         utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
         write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
         try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
+            import plot  # here, not at the top: matplotlib costs about a second of start-up, and only this step draws
+
             plot.draw_run(run_dir)
         except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
             log(f"warning: figures not drawn ({type(e).__name__}: {utils.first_line(e)}); redraw them with python src/plot.py --run_dirs {run_dir}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,21 @@ def test_parsing_has_no_side_effects(stage: str, tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     importlib.import_module(stage).Args().parse_args(REQUIRED.get(stage, []))
     assert os.listdir(tmp_path) == []
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_parts() -> dict[str, str]:
+    """README's Japanese part and its English section."""
+    japanese, english = README.read_text(encoding="utf-8").split("\n## English\n", 1)
+    return {"the Japanese part": japanese, "the English section": english}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_flag_is_named_in_readme(stage: str) -> None:
+    """Each flag of --help (each field of the stage's Args) is named in README, in Japanese and in English."""
+    names = list(importlib.import_module(stage).Args().class_variables)
+    for part, text in readme_parts().items():
+        missing = [f"--{name}" for name in names if not re.search(rf"--{name}(?!\w)", text)]
+        assert not missing, f"{stage}.py: {', '.join(missing)} not named in {part} of README.md"
