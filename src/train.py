@@ -327,8 +327,8 @@ def main(args: Args) -> Path:
             save_model(model, tokenizer, run_dir / "model", args.text_fields, args.max_seq_len)
         utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
 
-    on_rank_0(write_results, rank, world_size)
     log(f"best epoch {best_epoch}: val f1 {val_metrics['f1']:.4f}, test f1 {test_metrics['f1']:.4f}, test accuracy {test_metrics['accuracy']:.4f}")
+    on_rank_0(write_results, rank, world_size)
     log(f"wrote {run_dir}")
     return run_dir  # @leaves_process_group leaves the process group
 

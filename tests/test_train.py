@@ -426,6 +426,23 @@ def test_progress_bars_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not utils.show_progress()
 
 
+@pytest.mark.parametrize(("warmup", "total"), [(0, 10), (3, 10), (10, 10), (12, 10)])
+def test_linear_schedule_is_transformers_one(warmup: int, total: int) -> None:
+    from transformers.optimization import get_linear_schedule_with_warmup
+
+    def lrs(make) -> list[float]:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-5)
+        scheduler = make(optimizer, warmup, total)
+        values = []
+        for _ in range(total + 2):
+            values.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    assert lrs(train.linear_schedule) == pytest.approx(lrs(get_linear_schedule_with_warmup), abs=0, rel=1e-12)
+
+
 def test_diverging_loss_stops_the_run(make_train_args, tmp_path: Path) -> None:
     with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf) in epoch 1: lower --lr") as e:
         train.main(make_train_args(tmp_path, "--lr", "1e20", "--num_warmup_epochs", "0", "--max_grad_norm", "0"))
