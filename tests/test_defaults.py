@@ -29,6 +29,7 @@ def test_defaults_are_the_references() -> None:
     args = train.Args().parse_args([])
     assert {name: getattr(args, name) for name in REFERENCE_DEFAULTS} == REFERENCE_DEFAULTS
     assert args.max_grad_norm == 0  # the reference has no gradient clipping
+    assert args.early_stopping_patience == 0 and args.class_weights == "none"  # the reference trains every epoch, unweighted
 
 
 def test_one_epoch_with_the_default_warm_up_never_reaches_the_peak(
