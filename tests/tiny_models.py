@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tiny_bert import SPECIAL_TOKENS, build_tiny_bert, build_vocab, read_texts  # noqa: E402
 from utils import atomic_dir  # noqa: E402
 
-VOCAB_SIZE = 1000  # subword pieces of the SentencePiece / tokenizers vocabularies (fewer if the text has fewer)
+VOCAB_SIZE = 1000  # subword pieces of the SentencePiece / tokenizers vocabularies (fewer if the text has fewer; more if it has more characters)
+PIECE_MARGIN = 200  # pieces beyond the single characters: special and meta pieces, and room for some longer pieces
 LONG_CONTEXT = 8192  # ModernBERT's positions (sbintuitions/modernbert-ja-*: max_position_embeddings 8192)
 
 
@@ -49,14 +51,27 @@ def load_and_save_tokenizer(output_dir: Path, tokenizer_config: dict) -> Any:
     return tokenizer
 
 
+def vocab_size(texts: list[str]) -> int:
+    """VOCAB_SIZE, or more where the text has more distinct characters than that (a real corpus: livedoor has 3,361).
+
+    Both trainers keep every character as a piece of its own (character_coverage 1.0 / the unigram
+    trainer's alphabet) and fail when the vocabulary cannot hold them all. Characters are counted as
+    written and NFKC-normalised, as SentencePiece normalises them before training.
+    """
+    chars = {char for text in texts for char in text} | {char for text in texts for char in unicodedata.normalize("NFKC", text)}
+    return max(VOCAB_SIZE, len(chars) + PIECE_MARGIN)
+
+
 def train_sentencepiece(texts: list[str], path: Path, **options: Any) -> None:
     """A unigram SentencePiece model of the text (every character kept), written to `path`."""
     import sentencepiece as spm
 
     model = io.BytesIO()
+    # No text skipped: SentencePiece leaves out sentences over 4,192 bytes (1,400 Japanese characters), and their characters with them.
+    longest = max((len(text.encode()) for text in texts), default=0)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=VOCAB_SIZE, hard_vocab_limit=False,
-        model_type="unigram", character_coverage=1.0, minloglevel=2, **options,
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size(texts), hard_vocab_limit=False,
+        model_type="unigram", character_coverage=1.0, max_sentence_length=max(4192, longest), minloglevel=2, **options,
     )  # fmt: skip
     path.write_bytes(model.getvalue())
 
@@ -155,7 +170,7 @@ def build_modernbert(texts: list[str], output_dir: Path, hidden_size: int, num_l
     backend = Tokenizer(models.Unigram())
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, unk_token="<unk>"))
+    backend.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size(texts), special_tokens=specials, unk_token="<unk>"))
     cls_id, sep_id = backend.token_to_id("<cls>"), backend.token_to_id("<sep>")
     backend.post_processor = processors.TemplateProcessing(
         single="<cls> $A <sep>", pair="<cls> $A <sep> $B <sep>", special_tokens=[("<cls>", cls_id), ("<sep>", sep_id)]
