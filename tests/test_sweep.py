@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import runs
 import sweep
 import train
 import utils
@@ -226,7 +227,7 @@ def test_combination_configs_are_what_train_parses(tiny_model_dir: Path, dataset
     configs = sweep.combination_configs(combinations, args.output_root, args.extra_args)
     for combination, config in zip(combinations, configs):
         parsed = train.Args().parse_args(combination.train_argv(args.output_root, args.extra_args))
-        assert config == {**train.args_to_json(parsed), "world_size": 1}
+        assert config == {**runs.args_to_json(parsed), "runtime_options": list(train.RUNTIME_OPTIONS), "world_size": 1}
 
 
 def test_defaults_are_the_reference_grid(tmp_path: Path) -> None:
@@ -444,7 +445,7 @@ def test_bad_launcher_arguments_are_refused(argv: list[str], error: str, capsys)
 
 
 def test_config_records_the_slurm_job_of_a_run() -> None:
-    assert train.slurm_ids({"HOME": "/root"}) is None  # not under Slurm
-    assert train.slurm_ids({"SLURM_JOB_ID": "12"}) == {"job_id": "12"}
+    assert runs.slurm_ids({"HOME": "/root"}) is None  # not under Slurm
+    assert runs.slurm_ids({"SLURM_JOB_ID": "12"}) == {"job_id": "12"}
     task = {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}
-    assert train.slurm_ids(task) == {"job_id": "15", "array_job_id": "12", "array_task_id": "3"}
+    assert runs.slurm_ids(task) == {"job_id": "15", "array_job_id": "12", "array_task_id": "3"}
