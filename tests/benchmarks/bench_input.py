@@ -13,7 +13,7 @@ the body alone truncated), batched by --batch_size and shuffled, for --epochs ep
   --reference_workers sets them here, 0: in this process, one core);
 - ours, cold, fast path: a run start with an empty cache, as train.py does it: tokenise once with the
   MeCab + Rust WordPiece path (--tokenizer_workers processes) and write the cache entry; then every
-  epoch only pads the stored ids (train.py's collate);
+  epoch only pads the stored ids (data.collate, train.py's DataLoader);
 - ours, cold, the tokenizer's own code: the same with --slow_tokenizer (the path of tokenizers without
   a fast path: SentencePiece, char models), tokenised once per run all the same;
 - ours, cached: a run start that reads the entry that the cold run wrote, then pads.
@@ -45,9 +45,9 @@ from tap import Tap  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
+import data  # noqa: E402
 import prepare  # noqa: E402
 import tokenization  # noqa: E402
-import train  # noqa: E402
 import utils  # noqa: E402
 from fake_corpus import write_corpus  # noqa: E402
 from tiny_bert import build_tiny_bert, read_texts  # noqa: E402
@@ -134,9 +134,9 @@ def our_run_start(rows: list[dict], path: Path, tokenizer: PreTrainedTokenizerBa
 
 
 def our_loader(examples: list[dict], tokenizer: PreTrainedTokenizerBase, args: Args) -> DataLoader:
-    """train.py's training DataLoader: a seeded shuffling sampler, padding to the batch's longest (no GPU: no pinned memory)."""
+    """train.py's training DataLoader (data.collate): a seeded shuffling sampler, padding to the batch's longest (no GPU: no pinned memory)."""
     sampler = DistributedSampler(examples, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
-    return DataLoader(examples, batch_size=args.batch_size, sampler=sampler, collate_fn=partial(train.collate, pad_token_id=tokenizer.pad_token_id))
+    return DataLoader(examples, batch_size=args.batch_size, sampler=sampler, collate_fn=partial(data.collate, pad_token_id=tokenizer.pad_token_id))
 
 
 def pipelines(rows: list[dict], path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, work_dir: Path, args: Args) -> dict[str, dict[str, float]]:

@@ -137,7 +137,7 @@ def main(args: Args) -> None:
             f"tokenizer: {model_name} ({type(tokenizer).__name__}); transformers {transformers.__version__}",
             f"data:      {args.dataset_dir or 'fake corpus of the real size'}: {len(texts):,} documents (all splits), body {mean_chars:,.0f} characters "
             f"on average; max_seq_len {args.max_seq_len}: {mean_tokens:.0f} tokens/document",
-            f"machine:   {tokenization.available_cpus()} usable CPU cores; {workers} tokeniser process(es) for each path",
+            f"machine:   {utils.available_cpus()} usable CPU cores; {workers} tokeniser process(es) for each path",
             "",
             f"slow (the tokenizer's own code): {speeds['slow']:8,.1f} documents/s",
             f"fast (MeCab + Rust WordPiece):   {speeds['fast']:8,.1f} documents/s",

@@ -38,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = os.environ.get("PYTHON") or sys.executable
-TINY = ["--epochs", "4", "--num_warmup_epochs", "1", "--batch_size", "8", "--max_seq_len", "64"]  # with --lr 5e-3 (the sweep's --lrs)
+TINY = ["--epochs", "8", "--num_warmup_epochs", "1", "--batch_size", "8", "--max_seq_len", "64"]  # with --lr 5e-3 (the sweep's --lrs)
 TINY_LR = "5e-3"
 GOAL = 0.95  # the full loop's share of the model-only rate that issue 19 asks for
 
@@ -137,7 +137,8 @@ class Context:
 
     def run(self, argv: Sequence[str], limit: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """argv in its own process group, output to the log; killed (with its children) at `limit` seconds or at the deadline."""
-        timeout = max(1.0, min(limit, self.deadline - time.monotonic()))
+        left = self.deadline - time.monotonic()
+        timeout = max(1.0, min(limit, left))
         self.log(f"$ {shlex.join(argv)}   (limit {timeout:.0f} s)")
         process = subprocess.Popen(
             argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -149,6 +150,8 @@ class Context:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
             self.log(output)
+            if left < limit:
+                raise CheckFailed(f"stopped after {timeout:.0f} s: the time budget is used up (GPU_CHECKS_BUDGET_S)") from None
             raise CheckFailed(f"timed out after {timeout:.0f} s") from None
         self.log(output)
         self.log(f"(exit code {process.returncode})")
@@ -170,8 +173,10 @@ class Context:
 
 
 def last_line(output: str) -> str:
+    """What a failed command said last: its `error: ...` line if it wrote one (progress bars may come after), else its last line."""
     lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1][:200] if lines else "(no output)"
+    errors = [line for line in lines if line.startswith("error: ")]
+    return (errors or lines or ["(no output)"])[-1][:200]
 
 
 def environment(run_dir: Path) -> dict:
@@ -241,10 +246,13 @@ def check_sweep(ctx: Context) -> str:
     """--jobs N with the N GPUs present (each run sees one), then --jobs N+1 refused in one line."""
     jobs = ctx.gpus
     root = ctx.work / "sweep"
-    base = [PYTHON, "src/sweep.py", "--models", ctx.setup["tiny_bert"], "--lrs", TINY_LR, "3e-3", "--seeds", "1",
-            "--dataset_dirs", ctx.setup["dataset"], "--output_root", str(root / "outputs"), "--results_dir", str(root / "results"),
-            *TINY, "--epochs", "2", "--device", ctx.device, "--tokenized_cache_dir", str(ctx.work / "cache")]  # fmt: skip
-    result = ctx.run([*base, "--jobs", str(jobs)], limit=240)
+
+    def sweep(jobs: int, folder: Path) -> list[str]:
+        return [PYTHON, "src/sweep.py", "--models", ctx.setup["tiny_bert"], "--lrs", TINY_LR, "3e-3", "--seeds", "1",
+                "--dataset_dirs", ctx.setup["dataset"], "--output_root", str(folder / "outputs"), "--results_dir", str(folder / "results"),
+                *TINY, "--epochs", "2", "--device", ctx.device, "--tokenized_cache_dir", str(ctx.work / "cache"), "--jobs", str(jobs)]  # fmt: skip
+
+    result = ctx.run(sweep(jobs, root), limit=240)
     if result.returncode != 0:
         raise CheckFailed(f"sweep --jobs {jobs}: exit code {result.returncode}: {last_line(result.stdout)}")
     runs = finished_runs(root / "outputs")
@@ -258,10 +266,13 @@ def check_sweep(ctx: Context) -> str:
         raise CheckFailed("the sweep wrote no results/best.csv")
     if ctx.device != "cuda":
         return f"--jobs {jobs} on {ctx.device}: 2 runs verified"
-    refused = ctx.run([*base, "--jobs", str(jobs + 1)], limit=120)
+    # Into a fresh output root: with every combination finished, a sweep has nothing to run and no slots to check.
+    refused = ctx.run(sweep(jobs + 1, root / "refused"), limit=120)
     lines = [line for line in refused.stdout.splitlines() if line.startswith("error: ")]
     if refused.returncode != 1 or len(lines) != 1 or f"needs {jobs + 1} GPUs" not in lines[0]:
         raise CheckFailed(f"sweep --jobs {jobs + 1} on {jobs} GPU(s): exit code {refused.returncode}, {last_line(refused.stdout)}")
+    if finished_runs(root / "refused" / "outputs"):
+        raise CheckFailed(f"sweep --jobs {jobs + 1} on {jobs} GPU(s) was refused, but only after running")
     return f"--jobs {jobs}: 2 runs verified; --jobs {jobs + 1}: refused in one line"
 
 

@@ -76,11 +76,6 @@ def long_dataset(dataset_dir: Path, output_dir: Path) -> Path:
     return output_dir
 
 
-def read_texts(dataset_dir: Path) -> list[str]:
-    with (dataset_dir / "train.jsonl").open(encoding="utf-8") as f:
-        return [text for line in f for text in (json.loads(line)["title"], json.loads(line)["body"])]
-
-
 # --- models -----------------------------------------------------------------------------------
 
 
@@ -95,15 +90,26 @@ def char_vocab(texts: list[str], size: int | None = None) -> list[str]:
     return vocab
 
 
+def check_no_unknown(tokenizer, texts: list[str]) -> None:
+    """The tokenizer knows every character of the corpus: a model that sees only unknown tokens would check nothing."""
+    ids = tokenizer(texts[:50], add_special_tokens=False)["input_ids"]
+    unknown = sum(row.count(tokenizer.unk_token_id) for row in ids)
+    if unknown or len(tokenizer) < 10:
+        raise RuntimeError(f"{type(tokenizer).__name__} ({len(tokenizer)} tokens) maps {unknown} tokens of the corpus to {tokenizer.unk_token}")
+
+
 def build_char_bert(texts: list[str], output_dir: Path, sizes: dict, seed: int = 0) -> Path:
     """A BertModel with random weights and a character BertTokenizer, saved like a hub checkpoint."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    vocab_file = output_dir / "vocab.txt"
-    vocab_file.write_text("\n".join(char_vocab(texts, sizes.get("vocab_size"))) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(vocab_file=str(vocab_file), do_lower_case=False, model_max_length=512)
+    # Loaded from hub-style files, as tests/tiny_models.py does (BertTokenizer's constructor arguments differ between transformers versions).
+    (output_dir / "vocab.txt").write_text("\n".join(char_vocab(texts, sizes.get("vocab_size"))) + "\n", encoding="utf-8")
+    tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 512}
+    (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    check_no_unknown(tokenizer, texts)
     tokenizer.save_pretrained(output_dir)
     config = BertConfig(**{"max_position_embeddings": 512, "type_vocab_size": 2, **sizes, "vocab_size": sizes.get("vocab_size", len(tokenizer))})
     torch.manual_seed(seed)
@@ -123,6 +129,7 @@ def build_tiny_decoder(texts: list[str], output_dir: Path, seed: int = 0) -> Pat
     chars = len({char for text in texts for char in text})
     backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=chars + 300, special_tokens=["<unk>", "<s>", "</s>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=512)
+    check_no_unknown(tokenizer, texts)
     tokenizer.save_pretrained(output_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -135,6 +142,7 @@ def build_tiny_decoder(texts: list[str], output_dir: Path, seed: int = 0) -> Pat
 
 def setup(work_dir: Path) -> dict:
     """Everything the checks read, under work_dir; returns their paths (also written to work_dir/setup.json)."""
+    from tiny_bert import read_texts  # titles and bodies of train.jsonl (no MeCab needed)
     from transformers.utils import logging
 
     logging.disable_progress_bar()
