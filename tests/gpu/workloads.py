@@ -183,17 +183,21 @@ def peak_flops(device_name: str) -> float | None:
     return next((peak * 1e12 for name, peak in PEAK_TFLOPS if name.lower() in device_name.lower()), None)
 
 
-def model_only(work_dir: Path, steps: int = 30, warmup: int = 5) -> dict:
-    """bert-base training steps on random ids (bf16 autocast, fp32 loss), with fused AdamW and with AdamW's default (foreach), as train.py builds it."""
+def model_only(work_dir: Path, steps: int = 30, warmup: int = 5, device_name: str = "cuda", batch: int = BASE_BATCH, seq_len: int = BASE_SEQ_LEN) -> dict:
+    """bert-base training steps on random ids (bf16 autocast, fp32 loss), with fused AdamW and with AdamW's default (foreach), as train.py builds it.
+
+    The device, batch and length are parameters only so that the function can be tried on a CPU at a tiny size.
+    """
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification
 
     paths = json.loads((work_dir / "setup.json").read_text(encoding="utf-8"))
-    device = torch.device("cuda", 0)
+    device = torch.device(device_name, 0) if device_name == "cuda" else torch.device(device_name)
     torch.set_float32_matmul_precision("high")  # as train.py
-    name = torch.cuda.get_device_name(device)
-    results: dict = {"device_name": name, "batch": BASE_BATCH, "seq_len": BASE_SEQ_LEN, "steps": steps}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
+    results: dict = {"device_name": name, "batch": batch, "seq_len": seq_len, "steps": steps}
     for optimizer_kind in ("fused", "foreach"):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(paths["bert_base"], num_labels=9).to(device).train()
@@ -201,17 +205,17 @@ def model_only(work_dir: Path, steps: int = 30, warmup: int = 5) -> dict:
         generator = torch.Generator(device=device).manual_seed(0)
         batches = [
             {
-                "input_ids": torch.randint(5, model.config.vocab_size, (BASE_BATCH, BASE_SEQ_LEN), device=device, generator=generator),
-                "token_type_ids": torch.zeros(BASE_BATCH, BASE_SEQ_LEN, dtype=torch.long, device=device),
-                "attention_mask": torch.ones(BASE_BATCH, BASE_SEQ_LEN, dtype=torch.long, device=device),
-                "labels": torch.randint(0, 9, (BASE_BATCH,), device=device, generator=generator),
+                "input_ids": torch.randint(5, model.config.vocab_size, (batch, seq_len), device=device, generator=generator),
+                "token_type_ids": torch.zeros(batch, seq_len, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device),
+                "labels": torch.randint(0, 9, (batch,), device=device, generator=generator),
             }
             for _ in range(4)
         ]
 
         def step(batch: dict) -> None:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 logits = model(**inputs).logits
             F.cross_entropy(logits.float(), batch["labels"]).backward()
             optimizer.step()
@@ -219,17 +223,18 @@ def model_only(work_dir: Path, steps: int = 30, warmup: int = 5) -> dict:
 
         for i in range(warmup):
             step(batches[i % len(batches)])
-        torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for i in range(steps):
             step(batches[i % len(batches)])
-        torch.cuda.synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
-        tokens_per_s = steps * BASE_BATCH * BASE_SEQ_LEN / seconds
+        tokens_per_s = steps * batch * seq_len / seconds
         results[optimizer_kind] = {"tokens_per_s": tokens_per_s, "step_ms": seconds / steps * 1e3}
-        results["flops_per_token"] = flops_per_token(model, BASE_SEQ_LEN)
+        results["flops_per_token"] = flops_per_token(model, seq_len)
         del model, optimizer, batches
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     peak = peak_flops(name)
     results["peak_flops"] = peak
     for kind in ("fused", "foreach"):
