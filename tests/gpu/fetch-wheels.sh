@@ -16,6 +16,7 @@ packages=(
   docstring-parser==0.18.0       # needed by typed-argument-parser
   more-itertools==11.2.1         # prepare.py's split, train.py's accumulation windows
   submitit==1.5.4                # imported by sweep.py (Slurm); its needs, cloudpickle and typing-extensions, are in the image
+  matplotlib-fontja==1.1.0       # the Japanese font of the figures (plot.py); its need, matplotlib, is in the image
 )
 rm -rf .whl
 mkdir -p .whl
