@@ -32,6 +32,7 @@ def test_bench_input_smoke(tiny_model_dir: Path, capsys: pytest.CaptureFixture[s
     assert all(results[32][key]["first"] > 0 for key in bench_input.NAMES)
 
 
+@pytest.mark.slow  # a sweep: train.py in a process of its own
 def test_bench_sweep_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     import bench_sweep
 
@@ -57,6 +58,7 @@ def test_bench_tokenize_smoke(tiny_model_dir: Path, dataset_dir: Path, capsys: p
     assert "== bench_tokenize ==" in out and "identical ids and lengths: yes" in out and "usable CPU cores" in out
 
 
+@pytest.mark.slow  # two measurements, each in a process of its own
 def test_bench_train_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     import bench_train
 
