@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+import tokenization
 import utils
 from utils import InputError, log
 
@@ -183,14 +183,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], summary
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, text_fields: Sequence[str], max_seq_len: int) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, layout: tokenization.InputLayout) -> None:
     """Plain transformers format (safetensors), loadable with no project code; swapped in whole.
 
-    config.json also records the input layout (text_fields, max_seq_len), so that predict.py
-    tokenises new text exactly as training did.
+    config.json also records the input layout (text_fields, max_seq_len, truncation, head_tokens),
+    so that predict.py tokenises new text exactly as training did.
     """
-    model.config.text_fields = list(text_fields)
-    model.config.max_seq_len = max_seq_len
+    for name, value in layout.to_dict().items():
+        setattr(model.config, name, value)
     with utils.atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

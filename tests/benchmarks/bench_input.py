@@ -126,10 +126,11 @@ def our_run_start(rows: list[dict], path: Path, tokenizer: PreTrainedTokenizerBa
     """train.py's tokenisation step for these rows (tokenization.tokenize_splits): seconds and examples."""
     token_type_ids = tokenization.wants_token_type_ids(AutoConfig.from_pretrained(tokenizer.name_or_path), TEXT_FIELDS)
     start = time.perf_counter()
-    examples = tokenization.tokenize_splits(
-        {"train": rows}, {"train": path}, tokenizer, text_fields=TEXT_FIELDS, max_seq_len=max_seq_len, token_type_ids=token_type_ids,
+    examples, _ = tokenization.tokenize_splits(
+        {"train": rows}, {"train": path}, tokenizer, layout=tokenization.InputLayout(tuple(TEXT_FIELDS), max_seq_len), token_type_ids=token_type_ids,
         slow=slow, num_workers=args.tokenizer_workers, cache_dir=cache_dir, log=lambda _: None,
-    )["train"]
+    )
+    examples = examples["train"]
     return time.perf_counter() - start, examples
 
 
