@@ -97,7 +97,22 @@ def wants_token_type_ids(config: transformers.PretrainedConfig, text_fields: Seq
     return len(text_fields) == 2 and getattr(config, "type_vocab_size", 1) > 1
 
 
-def texts_of(rows: Sequence[dict], text_fields: Sequence[str]) -> list[list[str]]:
+def text_separator(tokenizer: PreTrainedTokenizerBase, text_fields: Sequence[str]) -> str | None:
+    """How a pair reaches a tokenizer without a separator token (the decoder LLMs: Llama, Qwen, Gemma, Mistral).
+
+    Their own pair encoding runs the texts together with nothing between (Qwen) or repeats the
+    begin-of-text token (Llama 3). They read one text instead, the fields joined by a newline, as in
+    hppRC/llm-lora-classification's best template f"{title}\n{body}"; truncation keeps its start, so
+    the body is cut and the title kept (unless it alone fills max_seq_len). None: a pair goes to the
+    tokenizer as a pair ([CLS] title [SEP] body [SEP] and the like).
+    """
+    return "\n" if len(text_fields) == 2 and tokenizer.sep_token is None else None
+
+
+def texts_of(rows: Sequence[dict], text_fields: Sequence[str], separator: str | None = None) -> list[list[str]]:
+    """The texts of each row: its text fields, or with a separator (text_separator) one text, the fields joined by it."""
+    if separator is not None:
+        return [[separator.join(row[field] for field in text_fields)] for row in rows]
     return [[row[field] for field in text_fields] for row in rows]
 
 
@@ -357,7 +372,7 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def cache_key(
     tokenizer: PreTrainedTokenizerBase, encoder: Encoder, files: Mapping[str, Path], text_fields: Sequence[str],
-    max_seq_len: int, token_type_ids: bool,
+    max_seq_len: int, token_type_ids: bool, separator: str | None = None,
 ) -> dict:
     """Everything the cached ids depend on; an entry is used only when all of it matches."""
     tagger = getattr(getattr(tokenizer, "word_tokenizer", None), "mecab", None)  # a MeCab dictionary is outside the tokenizer's files
@@ -371,6 +386,7 @@ def cache_key(
         "text_fields": list(text_fields),
         "max_seq_len": max_seq_len,
         "token_type_ids": token_type_ids,
+        **({"separator": separator} if separator is not None else {}),  # absent for pairs: earlier entries stay valid
     }
 
 
@@ -442,24 +458,28 @@ def cut_titles_note(where: str, count: int, text_fields: Sequence[str], limit: s
 def tokenize_splits(
     rows: Mapping[str, list[dict]], files: Mapping[str, Path], tokenizer: PreTrainedTokenizerBase, *, text_fields: Sequence[str],
     max_seq_len: int, token_type_ids: bool, slow: bool, num_workers: int, cache_dir: Path | None, log: Callable[[str], None],
+    separator: str | None = None,
 ) -> dict[str, list[dict]]:
     """Examples of each split (rows read from FILES) ready for batching, from the cache or tokenised now (then cached).
 
-    slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache.
+    slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache;
+    separator: the text fields joined by it into one text (text_separator).
     """
     start = time.perf_counter()
     sizes = {split: len(split_rows) for split, split_rows in rows.items()}
     encoder = choose_encoder(tokenizer, slow)
     log(f"tokenizer: {encoder.description}")
+    if separator is not None:
+        log(f"input: {' + '.join(text_fields)} as one text joined by {separator!r} (the tokenizer has no separator token); truncation cuts its end")
 
     def encode_all() -> dict[str, Encoded]:
         log(f"tokenising in {tokenizer_workers(num_workers)} process(es) ...")
-        return {split: encode_parallel(encoder, texts_of(rows[split], text_fields), max_seq_len, token_type_ids, num_workers) for split in rows}
+        return {split: encode_parallel(encoder, texts_of(rows[split], text_fields, separator), max_seq_len, token_type_ids, num_workers) for split in rows}
 
     if cache_dir is None:
         encoded, status = encode_all(), "tokenised (cache off)"
     else:
-        key = cache_key(tokenizer, encoder, files, text_fields, max_seq_len, token_type_ids)
+        key = cache_key(tokenizer, encoder, files, text_fields, max_seq_len, token_type_ids, separator)
         path = entry_path(cache_dir, key)
         encoded, problem = read_entry(path, key, sizes)
         status = f"cache hit: read {path}"

@@ -38,8 +38,10 @@ import utils
 from data import SPLITS, collate, load_label2id, load_split, shard_by_length
 from distributed import init_distributed, leaves_process_group, on_rank_0
 from evaluation import evaluate
+from lora import LoraSettings, apply_lora, base_dtype, trainable_share
 from modeling import (
-    check_max_seq_len, count_encoder_params, freeze_unreachable, load_model, param_groups, resolve_device, resolve_dtype, save_model,
+    check_max_seq_len, count_encoder_params, enable_gradient_checkpointing, freeze_unreachable, load_model, param_groups, resolve_device,
+    resolve_dtype, save_model,
 )
 from runs import append_log, make_run_dir, run_config, write_test_outputs
 from utils import InputError, log
@@ -58,7 +60,8 @@ class Runtime(Tap):
     slow_tokenizer: bool = False  # tokenise with the tokenizer's own transformers code even where the fast MeCab + WordPiece path applies (same ids)
     tokenized_cache: Literal["on", "off"] = "on"  # on: read the tokenised splits from --tokenized_cache_dir, or tokenise and store them there; off: tokenise every run
     tokenized_cache_dir: Path = Path("cache/tokenized")  # tokenised splits shared by runs and torchrun ranks, keyed by tokenizer, dataset and input layout (safe to delete)
-    save_model: bool = False  # also save the best model and its tokenizer to RUN_DIR/model (safetensors)
+    save_model: bool = False  # also save the best model and its tokenizer to RUN_DIR/model (safetensors); with --lora_r: the adapters and the head (megabytes), with the base model's name
+    merge_lora: bool = False  # with --save_model and --lora_r: save the adapters merged into the base weights, a plain full model, instead
 
 
 class Args(Runtime):
@@ -81,6 +84,11 @@ class Args(Runtime):
 
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast precision; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS
     seed: int = 42  # seed of the model's new head, the shuffling and dropout
+    lora_r: int = 0  # LoRA rank: 0 (the default) fine-tunes every weight; R > 0 freezes the model and trains rank-R adapters (peft) and the classification head
+    lora_alpha: float = 16.0  # LoRA scale numerator: the adapters' update is multiplied by alpha / r (16 as in hppRC/llm-lora-classification)
+    lora_dropout: float = 0.1  # dropout on the adapters' input
+    lora_target_modules: list[str] = []  # layers that get adapters, by name or name suffix (e.g. q_proj v_proj); empty: every Linear layer of the transformer blocks (printed)
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CUDA only, with --lora_r; untested here)
     reinit_head: bool = False  # a checkpoint with a classification head of another size (e.g. a fine-tuned 2-class model): replace that head with a new, random one (printed) instead of refusing
 
     def process_args(self) -> None:
@@ -93,6 +101,13 @@ class Args(Runtime):
             self.error("--num_warmup_epochs cannot be negative")
         if self.max_grad_norm < 0:
             self.error("--max_grad_norm cannot be negative (0 disables clipping)")
+        if self.lora_r < 0:
+            self.error("--lora_r cannot be negative (0: full fine-tuning)")
+        if not 0 <= self.lora_dropout < 1:
+            self.error("--lora_dropout must be in [0, 1)")
+        lora_only = [f"--{name}" for name in ("lora_target_modules", "merge_lora") if getattr(self, name)]
+        if lora_only and not self.lora_r:
+            self.error(f"{', '.join(lora_only)} only apply with --lora_r (LoRA)")
 
 
 RUNTIME_OPTIONS = tuple(Runtime.__annotations__)  # the fields declared in Runtime, in their order
@@ -147,8 +162,10 @@ def optimizer_step(
 
 
 def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights, so the best epoch costs no accelerator memory."""
-    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+    """A CPU copy of the weights that training changes, so the best epoch costs no accelerator memory
+    (frozen weights never change: a LoRA run copies megabytes, not its base model). Load it with strict=False."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items() if key in trainable}
 
 
 class TrainingError(InputError):
@@ -176,28 +193,37 @@ def main(args: Args) -> Path:
     id2label = {i: label for label, i in label2id.items()}
     rows = {split: load_split(args.dataset_dir, split, args.text_fields, len(label2id)) for split in SPLITS}
 
-    tokenizer, model = load_model(args.model_name, label2id, args.reinit_head)
+    lora_settings = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules))
+    weights_dtype = base_dtype(lora_settings, args.load_in_4bit, device, dtype)
+    tokenizer, model = load_model(args.model_name, label2id, args.reinit_head, weights_dtype, args.load_in_4bit)
     positions = check_max_seq_len(args.max_seq_len, model, tokenizer, args.model_name)
     num_params = sum(p.numel() for p in model.parameters())
     num_encoder_params = count_encoder_params(model)  # without the head, as the reference's table counts
+    if lora_settings.r:
+        model, lora_summary = apply_lora(model, lora_settings)
+        log(lora_summary)
+    num_trainable_params, _, trainable_line = trainable_share(model)
 
     # The settings are on disk before any training: a crashed run still says what it was.
     def start_run_folder() -> Path:
         run_dir = make_run_dir(args.output_root, args.model_name)
-        config = run_config(args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size)
+        config = run_config(
+            args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, num_trainable_params
+        )
         utils.save_json(config, run_dir / "config.json")
         return run_dir
 
     run_dir = on_rank_0(start_run_folder, rank, world_size)
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
+    log(trainable_line)
     log(positions)
 
     # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
     examples = tokenization.tokenize_splits(
         rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, text_fields=args.text_fields,
         max_seq_len=args.max_seq_len, token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
-        slow=args.slow_tokenizer, num_workers=args.num_workers, log=log,
+        slow=args.slow_tokenizer, num_workers=args.num_workers, log=log, separator=tokenization.text_separator(tokenizer, args.text_fields),
         cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
     )
 
@@ -212,8 +238,7 @@ def main(args: Args) -> Path:
 
     model.to(device)
     if args.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        enable_gradient_checkpointing(model)
     unreachable = freeze_unreachable(model, pad(examples["train"][:2]), device)
     if unreachable:
         log(f"frozen {len(unreachable)} parameter tensors that this input never reaches (no gradient in a probe step): {', '.join(unreachable)}")
@@ -292,7 +317,7 @@ def main(args: Args) -> Path:
                 best_state = clone_state(model)
 
     # The weights of the best epoch (kept on the CPU) give the reported val and test scores.
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)
     val_metrics, _ = evaluate_split("val")
     test_metrics, test_predictions = evaluate_split("test")
 
@@ -304,7 +329,7 @@ def main(args: Args) -> Path:
         except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
             log(f"warning: figures not drawn ({type(e).__name__}: {utils.first_line(e)}); redraw them with python src/plot.py --run_dirs {run_dir}")
         if args.save_model:
-            save_model(model, tokenizer, run_dir / "model", args.text_fields, args.max_seq_len)
+            save_model(model, tokenizer, run_dir / "model", args.text_fields, args.max_seq_len, args.merge_lora)
         utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
 
     on_rank_0(write_results, rank, world_size)
