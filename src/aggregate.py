@@ -35,7 +35,7 @@ SCORES = ("accuracy", "precision", "recall", "f1")  # the metrics reported with 
 # Runs that differ only in these are repetitions of one setting: their scores are averaged.
 REPETITION_FIELDS = ("seed", "dataset_dir")
 # Fields of config.json that are not train.py options: what a run found or where it was, not what it learned.
-RUN_FACTS = ("runtime_options", "run_dir", "num_params", "num_encoder_params", "num_labels", "environment")
+RUN_FACTS = ("runtime_options", "run_dir", "num_params", "num_encoder_params", "num_trainable_params", "num_labels", "environment")
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
 # them itself under "runtime_options" (train.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (

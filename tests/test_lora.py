@@ -196,3 +196,29 @@ def test_decoder_family_with_lora_under_torchrun_alone_saved_and_merged(
     saved = {p.name for p in (single / "model").iterdir()}
     assert "model.safetensors" in saved and "adapter_config.json" not in saved
     assert_same_predictions(predict_file(single / "model", dataset_dir, tmp_path / "merged.jsonl"), single)
+
+
+# --- sweep and aggregate ----------------------------------------------------------------------
+
+
+def test_sweep_preset_llm_brings_its_models_lrs_and_lora_options_which_the_user_overrides() -> None:
+    import sweep
+
+    args = sweep.Args().parse_args(["--preset", "llm", "--batch_size", "16"])
+    assert args.models == sweep.LLM_MODELS and "Qwen/Qwen2.5-0.5B-Instruct" in args.models and len(args.models) >= 5
+    assert args.lrs == [1e-4, 3e-4, 5e-4, 1e-3]
+    forwarded = train.Args().parse_args(args.extra_args)
+    assert (forwarded.lora_r, forwarded.batch_size, forwarded.epochs, forwarded.gradient_checkpointing) == (32, 16, 10, True)
+    assert sweep.Args().parse_args(["--preset", "llm", "--lrs", "2e-4"]).lrs == [2e-4]
+    plain = sweep.Args().parse_args([])
+    assert plain.lrs == [1e-5, 3e-5, 5e-5] and plain.extra_args == []
+
+
+def test_lora_flags_are_settings_and_the_trainable_count_is_a_fact() -> None:
+    import aggregate
+
+    config = {"model_name": "m", "lr": 1e-4, "lora_r": 8, "lora_alpha": 16.0, "merge_lora": True, "num_trainable_params": 10,
+              "runtime_options": list(train.RUNTIME_OPTIONS)}  # fmt: skip
+    setting = aggregate.setting_of(config)
+    assert setting["lora_r"] == 8 and setting["lora_alpha"] == 16.0
+    assert "merge_lora" not in setting and "num_trainable_params" not in setting
