@@ -42,6 +42,7 @@ OLD_RUNTIME_OPTIONS = (
     "output_root", "device", "num_workers", "eval_batch_size", "save_model", "compile",
     "slow_tokenizer",  # the same ids either way
     "tokenized_cache", "tokenized_cache_dir",
+    "merge_lora",  # newer than the runtime_options list: no old run has it, listed so that the two lists stay one set
 )  # fmt: skip
 
 
