@@ -35,7 +35,7 @@ from transformers.optimization import get_linear_schedule_with_warmup
 import plot
 import tokenization
 import utils
-from data import SPLITS, collate, load_label2id, load_split, shard_by_length
+from data import SPLITS, collate, load_description, load_label2id, load_split, shard_by_length
 from distributed import init_distributed, leaves_process_group, on_rank_0
 from evaluation import evaluate
 from lora import LoraSettings, apply_lora, base_dtype, trainable_share
@@ -192,6 +192,7 @@ def main(args: Args) -> Path:
     label2id = load_label2id(args.dataset_dir)
     id2label = {i: label for label, i in label2id.items()}
     rows = {split: load_split(args.dataset_dir, split, args.text_fields, len(label2id)) for split in SPLITS}
+    dataset = load_description(args.dataset_dir, label2id)
 
     lora_settings = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules))
     weights_dtype = base_dtype(lora_settings, args.load_in_4bit, device, dtype)
@@ -208,7 +209,7 @@ def main(args: Args) -> Path:
     def start_run_folder() -> Path:
         run_dir = make_run_dir(args.output_root, args.model_name)
         config = run_config(
-            args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, num_trainable_params
+            args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, dataset, num_trainable_params
         )
         utils.save_json(config, run_dir / "config.json")
         return run_dir
