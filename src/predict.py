@@ -12,6 +12,9 @@ Input, read as UTF-8:
                 title. For a single-text model, the whole line is the text.
 Output: JSONL (--output_file, written atomically, or stdout), a row per input row, in input order:
 the input row's fields, then `pred` (category name), `pred_id` and `probs` ({category: probability}).
+A multi-label model (trained on a dataset whose labels are lists; config.json's problem_type) gives
+every category whose sigmoid probability reaches its threshold (recorded in config.json, or
+--threshold): `pred` and `pred_id` are then lists (possibly empty), sorted by id.
 
 Text is tokenised by the code train.py uses (src/tokenization.py) with the layout the model was trained with (text_fields
 and max_seq_len, recorded in the model's config.json): the body alone is truncated, as in training (a title
@@ -21,6 +24,7 @@ Progress and information go to stderr, so stdout holds only the predictions.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 import time
@@ -50,7 +54,7 @@ WEIGHT_FILES = (
     "adapter_model.safetensors",  # a LoRA run's adapters and head (train.py --save_model --lora_r)
 )  # fmt: skip
 OUTPUT_FIELDS = ("pred", "pred_id", "probs")  # appended to each row; input fields of these names are replaced
-NO_LABEL = -100  # data.collate needs a label: cross_entropy's ignore_index, so evaluation.predict's loss is 0 and unused
+NO_LABEL = -100  # data.collate needs a label; evaluation.predict computes no loss here (no objective)
 SAVE_HINT = "train one with `python src/train.py --save_model` and pass its RUN_DIR/model, e.g. outputs/<model>/<date>/<time>/model"
 
 
@@ -64,10 +68,13 @@ class Args(Tap):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the forward pass; auto: bf16/fp16 on GPUs (faster, probabilities differ slightly)
     num_workers: int = 0  # processes that tokenise the input (0: one per CPU core this process may use, at most 8)
     slow_tokenizer: bool = False  # tokenise with the tokenizer's own transformers code even where the fast MeCab + WordPiece path applies (same ids)
+    threshold: float | None = None  # multi-label models: predict each category whose probability reaches this (default: the threshold the model was trained with, in its config.json)
 
     def process_args(self) -> None:
         if self.batch_size < 1:
             self.error("--batch_size must be at least 1")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            self.error("--threshold must lie between 0 and 1 (a sigmoid probability)")
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -186,15 +193,16 @@ def classify(
     ordered = data.shard_by_length(examples, rank=0, world_size=1)
     loader = DataLoader(ordered, batch_size=batch_size, collate_fn=partial(data.collate, pad_token_id=pad_token_id))
     autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    return [p["logits"] for p in evaluation.gather(evaluation.predict(model, loader, device, autocast), world_size=1)]
+    return [p["logits"] for p in evaluation.gather(evaluation.predict(model, loader, device, autocast, objective=None), world_size=1)]
 
 
-def with_prediction(row: dict, logits: torch.Tensor, labels: Sequence[str]) -> dict:
-    """The input row, then pred (category name), pred_id and probs ({category: probability})."""
-    pred_id = int(logits.argmax())
-    probs = torch.softmax(logits, -1).tolist()
+def with_prediction(row: dict, logits: torch.Tensor, labels: Sequence[str], objective: evaluation.Objective) -> dict:
+    """The input row, then pred (category name; multi-label: the list of names), pred_id and probs ({category: probability})."""
+    pred_id = objective.decide(logits)
+    pred = [labels[i] for i in pred_id] if isinstance(pred_id, list) else labels[pred_id]
+    probs = objective.probabilities(logits).tolist()
     carried = {key: value for key, value in row.items() if key not in OUTPUT_FIELDS}
-    return {**carried, "pred": labels[pred_id], "pred_id": pred_id, "probs": dict(zip(labels, probs))}
+    return {**carried, "pred": pred, "pred_id": pred_id, "probs": dict(zip(labels, probs))}
 
 
 def write_predictions(rows: Iterable[dict], output_file: Path | None) -> None:
@@ -227,6 +235,9 @@ def main(args: Args) -> list[dict]:
     config = load_config(args.model_dir)
     text_fields, max_seq_len = input_layout(config)
     labels = [config.id2label[i] for i in range(config.num_labels)]
+    objective = evaluation.Objective.from_config(config)
+    if args.threshold is not None:
+        objective = dataclasses.replace(objective, threshold=args.threshold)
     if args.input_file is not None:
         source = str(args.input_file)
         rows = read_jsonl(args.input_file, text_fields)
@@ -239,8 +250,9 @@ def main(args: Args) -> list[dict]:
     # Weights in the forward pass's dtype: a LoRA model's base in bf16 takes half the memory.
     tokenizer, model = load_model(args.model_dir, config, args.base_model, dtype)
     model.to(device)
+    kind = f"multi-label, threshold {objective.threshold}" if objective.multi_label else "single-label"
     info(
-        f"model: {args.model_dir} ({len(labels)} categories; input {' + '.join(text_fields)}, at most {max_seq_len} tokens) "
+        f"model: {args.model_dir} ({len(labels)} categories, {kind}; input {' + '.join(text_fields)}, at most {max_seq_len} tokens) "
         f"on {device}, {str(dtype).removeprefix('torch.')}"
     )
 
@@ -248,7 +260,7 @@ def main(args: Args) -> list[dict]:
     token_type_ids = tokenization.wants_token_type_ids(model.config, text_fields)
     examples = tokenize(rows, tokenizer, text_fields, max_seq_len, token_type_ids, args.slow_tokenizer, args.num_workers, source)
     logits = classify(model, examples, tokenizer.pad_token_id, args.batch_size, device, dtype)
-    predictions = [with_prediction(row, row_logits, labels) for row, row_logits in zip(rows, logits)]
+    predictions = [with_prediction(row, row_logits, labels, objective) for row, row_logits in zip(rows, logits)]
     seconds = time.perf_counter() - start
     info(f"classified {len(rows):,} rows from {source} in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} rows/s)")
 

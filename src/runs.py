@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 import transformers
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from tap import Tap
 
 import utils
+from evaluation import Objective, confusion_matrix, per_label_report
 from utils import InputError
+
+LABEL_COUNTS_FILE = "test-label-counts.csv"  # multi-label runs: per label, the test examples counted as TP, FP, FN, TN
 
 
 def run_dir_name(model_name: str, now: datetime) -> Path:
@@ -68,11 +70,12 @@ def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
 
 def run_config(
     args: Tap, runtime_options: Sequence[str], num_params: int, num_encoder_params: int, num_labels: int, run_dir: Path,
-    device: torch.device, dtype: torch.dtype, world_size: int, dataset: dict[str, Any], num_trainable_params: int | None = None,
+    device: torch.device, dtype: torch.dtype, world_size: int, dataset: dict[str, Any], problem_type: str = "single_label_classification",
+    num_trainable_params: int | None = None,
 ) -> dict:
     """Every argument with its JSON type, the names of those that are runtime options (not settings),
     plus what is needed to read the run later: among it the dataset's description (data.load_description),
-    by which aggregate.py tells tasks apart.
+    by which aggregate.py tells tasks apart, and the task type its labels gave (problem_type).
 
     The process count is a setting, not an environment detail: it multiplies the effective batch
     and divides the optimizer steps, so runs with different counts are different experiments.
@@ -94,7 +97,7 @@ def run_config(
     return {
         **config, "runtime_options": list(runtime_options), "world_size": world_size, "num_params": num_params,
         "num_encoder_params": num_encoder_params, "num_trainable_params": num_params if num_trainable_params is None else num_trainable_params,
-        "num_labels": num_labels, "dataset": dataset, "run_dir": str(run_dir), "environment": environment,
+        "num_labels": num_labels, "problem_type": problem_type, "dataset": dataset, "run_dir": str(run_dir), "environment": environment,
     }  # fmt: skip
 
 
@@ -107,24 +110,28 @@ def append_log(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict], id2label: dict[int, str]) -> None:
-    """Per-example predictions, the per-class report and the confusion matrix (with category names)."""
+def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict], id2label: dict[int, str], objective: Objective) -> None:
+    """Per-example predictions (with probabilities), the per-class report, and the confusion matrix
+    (single-label) or the per-label counts TP/FP/FN/TN (multi-label), with category names."""
     names = [id2label[i] for i in range(len(id2label))]
     utils.save_jsonl(
         (
-            {"id": row["id"], "label": p["label"], "pred": p["pred"], "probs": torch.softmax(p["logits"], -1).tolist()}
+            {"id": row["id"], "label": p["label"], "pred": p["pred"], "probs": objective.probabilities(p["logits"]).tolist()}
             for row, p in zip(rows, predictions)
         ),
         run_dir / "test-predictions.jsonl",
     )
     labels, preds = [p["label"] for p in predictions], [p["pred"] for p in predictions]
-    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=list(range(len(names))), zero_division=0)
+    report = per_label_report(labels, preds, len(names))
+    columns = ("precision", "recall", "f1", "support")
     utils.save_csv(
-        ["category", "precision", "recall", "f1", "support"],
-        zip(names, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist()),
-        run_dir / "test-per-class.csv",
+        ["category", *columns], zip(names, *(report[c].tolist() for c in columns)), run_dir / "test-per-class.csv",
     )
-    matrix = confusion_matrix(labels, preds, labels=list(range(len(names))))
+    if objective.multi_label:
+        counts = ("tp", "fp", "fn", "tn")
+        utils.save_csv(["category", *counts], zip(names, *(report[c].tolist() for c in counts)), run_dir / LABEL_COUNTS_FILE)
+        return
+    matrix = confusion_matrix(labels, preds, len(names))
     utils.save_csv(
         ["true \\ predicted", *names],
         ([name, *counts] for name, counts in zip(names, matrix.tolist())),

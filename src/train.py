@@ -6,7 +6,9 @@
 The run folder OUTPUT_ROOT/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/ receives, in this order:
 config.json (at the start), log.csv (a row per evaluation), val-metrics.json, test-predictions.jsonl,
 test-per-class.csv, test-confusion-matrix.csv, the figures curves.png and test-confusion-matrix.png,
-model/ (with --save_model), and test-metrics.json last: its presence means the run finished.
+model/ (with --save_model), and test-metrics.json last: its presence means the run finished. A dataset
+whose labels are lists of ids trains as multi-label (evaluation.py); its run has test-label-counts.csv
+and test-label-counts.png (TP/FP/FN/TN per label) in place of the confusion matrix.
 
 This file is the experiment: its options (Args) and main(), which reads top to bottom. The parts
 it shares with predict.py and sweep.py live in data.py, modeling.py, evaluation.py, runs.py and
@@ -24,7 +26,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers
 from more_itertools import chunked
 from tap import Tap
@@ -35,9 +36,9 @@ from transformers.optimization import get_linear_schedule_with_warmup
 import plot
 import tokenization
 import utils
-from data import SPLITS, collate, load_description, load_label2id, load_split, shard_by_length
+from data import SPLITS, collate, load_description, load_label2id, load_split, problem_type, shard_by_length
 from distributed import init_distributed, leaves_process_group, on_rank_0
-from evaluation import evaluate
+from evaluation import Objective, early_stop, evaluate, make_objective
 from lora import LoraSettings, apply_lora, base_dtype, trainable_share
 from modeling import (
     check_max_seq_len, count_encoder_params, enable_gradient_checkpointing, freeze_unreachable, load_model, param_groups, resolve_device,
@@ -89,6 +90,9 @@ class Args(Runtime):
     lora_dropout: float = 0.1  # dropout on the adapters' input
     lora_target_modules: list[str] = []  # layers that get adapters, by name or name suffix (e.g. q_proj v_proj); empty: every Linear layer of the transformer blocks (printed)
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CUDA only, with --lora_r; untested here)
+    threshold: float = 0.5  # multi-label datasets (labels are lists of ids): a label is predicted when its sigmoid probability reaches this; unused for single-label
+    class_weights: Literal["none", "balanced"] = "none"  # balanced: weigh the loss by inverse label frequency in train (single-label: n / (K x n_label) per class; multi-label: pos_weight n_negative / n_positive per label)
+    early_stopping_patience: int = 0  # stop when val macro-F1 has not improved for this many evaluations (epochs); 0 (the default, as in the reference): train all --epochs
     reinit_head: bool = False  # a checkpoint with a classification head of another size (e.g. a fine-tuned 2-class model): replace that head with a new, random one (printed) instead of refusing
 
     def process_args(self) -> None:
@@ -108,6 +112,10 @@ class Args(Runtime):
         lora_only = [f"--{name}" for name in ("lora_target_modules", "merge_lora") if getattr(self, name)]
         if lora_only and not self.lora_r:
             self.error(f"{', '.join(lora_only)} only apply with --lora_r (LoRA)")
+        if not 0 < self.threshold < 1:
+            self.error("--threshold must lie between 0 and 1 (a sigmoid probability)")
+        if self.early_stopping_patience < 0:
+            self.error("--early_stopping_patience cannot be negative (0 disables early stopping)")
 
 
 RUNTIME_OPTIONS = tuple(Runtime.__annotations__)  # the fields declared in Runtime, in their order
@@ -123,13 +131,14 @@ def window_counts(window: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
 
 def accumulate_gradients(
     train_model: torch.nn.Module, window: list[dict[str, torch.Tensor]], window_size: int, device: torch.device,
-    autocast: Any, scaler: torch.amp.GradScaler, world_size: int,
+    autocast: Any, scaler: torch.amp.GradScaler, world_size: int, objective: Objective = Objective(),
 ) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step; return their summed loss.
 
     Each loss is divided by the example count of the whole window (`window_size`, over all its
     micro-batches), so every example weighs the same whatever the micro-batch sizes: the gradient
-    equals that of one batch of the window.
+    equals that of one batch of the window. The per-example loss is the objective's (default:
+    single-label cross-entropy).
     """
     total = torch.zeros((), device=device)
     for i, batch in enumerate(window):
@@ -141,7 +150,7 @@ def accumulate_gradients(
         with nullcontext() if sync else train_model.no_sync():
             with autocast():  # the forward pass only; the loss is computed in fp32
                 logits = train_model(**batch).logits
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = objective.loss(logits.float(), labels).sum()
             scaler.scale(loss / window_size).backward()
         total += loss.detach()
     return total
@@ -193,10 +202,13 @@ def main(args: Args) -> Path:
     id2label = {i: label for label, i in label2id.items()}
     rows = {split: load_split(args.dataset_dir, split, args.text_fields, len(label2id)) for split in SPLITS}
     dataset = load_description(args.dataset_dir, label2id)
+    # The task type, decided once from the labels: it fixes the loss, the decision and the metrics (evaluation.Objective).
+    objective = make_objective(problem_type(args.dataset_dir, rows), len(label2id), args.threshold, args.class_weights, [r["label"] for r in rows["train"]])
 
     lora_settings = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules))
     weights_dtype = base_dtype(lora_settings, args.load_in_4bit, device, dtype)
     tokenizer, model = load_model(args.model_name, label2id, args.reinit_head, weights_dtype, args.load_in_4bit)
+    objective.record_in(model.config)  # a saved model, and predict.py, know the task type and threshold
     positions = check_max_seq_len(args.max_seq_len, model, tokenizer, args.model_name)
     num_params = sum(p.numel() for p in model.parameters())
     num_encoder_params = count_encoder_params(model)  # without the head, as the reference's table counts
@@ -209,7 +221,8 @@ def main(args: Args) -> Path:
     def start_run_folder() -> Path:
         run_dir = make_run_dir(args.output_root, args.model_name)
         config = run_config(
-            args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, dataset, num_trainable_params
+            args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, dataset,
+            objective.problem_type, num_trainable_params
         )
         utils.save_json(config, run_dir / "config.json")
         return run_dir
@@ -219,6 +232,7 @@ def main(args: Args) -> Path:
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
     log(trainable_line)
     log(positions)
+    log(objective.describe())
 
     # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
     examples = tokenization.tokenize_splits(
@@ -228,7 +242,7 @@ def main(args: Args) -> Path:
         cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
     )
 
-    pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    pad = partial(collate, pad_token_id=tokenizer.pad_token_id, num_labels=len(label2id))
     sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     pin = device.type == "cuda"  # pinned host memory lets the copy to the GPU overlap with compute
     train_loader = DataLoader(examples["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=pad, pin_memory=pin)
@@ -267,7 +281,7 @@ def main(args: Args) -> Path:
         )
 
     def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
-        return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
+        return evaluate(compiled, eval_loaders[split], device, autocast, world_size, objective)
 
     def log_evaluation(epoch: int, train_loss: float, metrics: dict[str, float], seconds: float, throughput: dict[str, float]) -> None:
         row = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": scheduler.get_last_lr()[0], "seconds": seconds, **throughput}
@@ -295,7 +309,7 @@ def main(args: Args) -> Path:
             with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0) as progress:
                 for window in chunked(train_loader, args.gradient_accumulation_steps):
                     step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
-                    window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)
+                    window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size, objective=objective)
                     if world_size > 1:  # the loss, examples and tokens of this step over all processes
                         stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
                         dist.all_reduce(stats)
@@ -316,6 +330,12 @@ def main(args: Args) -> Path:
             if val_metrics["f1"] > best_f1:
                 best_epoch, best_f1 = epoch, val_metrics["f1"]
                 best_state = clone_state(model)
+            if early_stop(epoch, best_epoch, args.early_stopping_patience):  # the same on every rank: all see the same metrics
+                log(
+                    f"early stopping after epoch {epoch} of {args.epochs}: val macro-F1 has not improved for "
+                    f"{args.early_stopping_patience} evaluation(s) since epoch {best_epoch} (log.csv ends at epoch {epoch})"
+                )
+                break
 
     # The weights of the best epoch (kept on the CPU) give the reported val and test scores.
     model.load_state_dict(best_state, strict=False)
@@ -324,7 +344,7 @@ def main(args: Args) -> Path:
 
     def write_results() -> None:
         utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
-        write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
+        write_test_outputs(run_dir, test_predictions, rows["test"], id2label, objective)
         try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
             plot.draw_run(run_dir)
         except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)

@@ -584,3 +584,36 @@ def test_category_names_that_look_like_numbers_or_missing_values_stay_names(tmp_
     assert header == "model_name,n_runs," + ",".join(names)  # NA used to drop out, 0 and 1.0 became numbers
     per_class = pd.read_csv(tmp_path / "results" / "per-class.csv", dtype=str, keep_default_na=False)
     assert [float(per_class.loc[0, name]) for name in names] == pytest.approx([i / 10 for i in range(len(names))])
+
+
+def test_multi_label_runs_add_micro_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Micro precision/recall/F1 of multi-label runs become columns (mean and std); a single-label model has none ("-")."""
+    outputs = tmp_path / "outputs"
+    for seed, micro_f1 in ((1, 0.80), (2, 0.90)):
+        run_dir = make_run(outputs, LUKE, 3e-5, seed=seed, dataset_dir="datasets/multi", problem_type="multi_label_classification")
+        metrics = utils.load_json(run_dir / "test-metrics.json")
+        utils.save_json({**metrics, "micro_precision": 0.7, "micro_recall": 0.6, "micro_f1": micro_f1}, run_dir / "test-metrics.json")
+    make_run(outputs, BERT, 3e-5, seed=1, dataset_dir="datasets/multi")
+    run_aggregate(outputs, tmp_path / "results")
+    out = capsys.readouterr().out
+    assert "settings differ in: nothing" in out  # problem_type is a fact of the dataset, not a setting
+    all_runs = pd.read_csv(tmp_path / "results" / "all.csv")
+    assert {"micro_precision", "micro_recall", "micro_f1"} <= set(all_runs.columns)
+    best = pd.read_csv(tmp_path / "results" / "best.csv").set_index("model_name")
+    assert best.loc[LUKE, "micro_f1"] == pytest.approx(0.85) and best.loc[LUKE, "micro_f1_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert np.isnan(best.loc[BERT, "micro_f1"])
+    table = (tmp_path / "results" / "best.md").read_text(encoding="utf-8").splitlines()
+    assert table[0] == "| Model | Params | LR | Accuracy | Precision | Recall | F1 | Micro-F1 | n |"
+    assert table[1] == "| ----- | -----: | -: | :------: | :-------: | :----: | :-: | :------: | -: |"
+    rows = {line.split(" | ")[0]: line for line in table[2:]}
+    assert rows[f"| [{LUKE}](https://huggingface.co/{LUKE})"].endswith("| 85.00 ± 7.07 | 2 |")
+    assert rows[f"| [{BERT}](https://huggingface.co/{BERT})"].endswith("| - | 1 |")
+
+
+def test_a_bad_micro_score_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = tmp_path / "outputs"
+    make_run(outputs, BERT, 3e-5, seed=1)
+    bad = make_run(outputs, BERT, 3e-5, seed=2)
+    utils.save_json({**utils.load_json(bad / "test-metrics.json"), "micro_f1": "high"}, bad / "test-metrics.json")
+    run_aggregate(outputs, tmp_path / "results")
+    assert f"skipped {bad}: test-metrics.json: micro_f1 is 'high', expected int or float" in capsys.readouterr().err

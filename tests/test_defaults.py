@@ -21,6 +21,7 @@ def test_defaults_are_the_references() -> None:
     args = train.Args().parse_args([])
     assert args.max_grad_norm == 0  # the reference has no gradient clipping
     assert (args.epochs, args.num_warmup_epochs, args.batch_size, args.weight_decay) == (20, 2, 16, 0.01)
+    assert args.early_stopping_patience == 0 and args.class_weights == "none"  # the reference trains every epoch, unweighted
 
 
 def test_one_epoch_with_the_default_warm_up_never_reaches_the_peak(

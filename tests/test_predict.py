@@ -321,3 +321,38 @@ def test_any_failure_to_load_the_saved_model_is_one_line(model_dir: Path, test_r
         run_predict(model_dir, "--input_file", str(input_file))
     assert str(e.value).startswith(f"cannot load the model saved in {model_dir} (RuntimeError: Error(s) in loading state_dict:): train one with")
     assert "\n" not in str(e.value)
+
+
+# --- a multi-label model ------------------------------------------------------------------------
+
+
+def test_multi_label_predictions_equal_the_run_predictions(multi_label_run: Path, multi_label_dataset: Path, tmp_path: Path) -> None:
+    """Every category over the threshold the model was trained with (its config.json), as lists of names and ids."""
+    run_predictions = utils.load_jsonl(multi_label_run / "test-predictions.jsonl")
+    names = [*CATEGORIES, "group-a"]
+    ours = run_predict(multi_label_run / "model", "--input_file", str(multi_label_dataset / "test.jsonl"))
+    assert [p["pred_id"] for p in ours] == [p["pred"] for p in run_predictions]
+    assert [p["pred"] for p in ours] == [[names[i] for i in p["pred"]] for p in run_predictions]
+    assert any(len(p["pred"]) == 2 for p in ours)  # the group label, beside the category
+    for p, theirs in zip(ours, run_predictions):
+        assert list(p["probs"]) == names
+        assert list(p["probs"].values()) == pytest.approx(theirs["probs"], abs=1e-5)  # sigmoid probabilities, not summing to 1
+
+    # --threshold overrides the saved one: at 0.99 fewer labels, and the same rule.
+    strict = run_predict(multi_label_run / "model", "--input_file", str(multi_label_dataset / "test.jsonl"), "--threshold", "0.99")
+    for p in strict:
+        assert p["pred"] == [name for name, q in p["probs"].items() if q >= 0.99]
+    assert sum(map(len, (p["pred"] for p in strict))) < sum(map(len, (p["pred"] for p in ours)))
+
+
+def test_multi_label_stdin(multi_label_run: Path, multi_label_dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    rows = utils.load_jsonl(multi_label_dataset / "test.jsonl")[:3]
+    monkeypatch.setattr(sys, "stdin", piped("".join(f"{r['title']}\t{r['body'].replace(chr(10), '')}\n" for r in rows)))
+    run_predict(multi_label_run / "model")
+    out = capsys.readouterr()
+    printed = [json.loads(line) for line in out.out.splitlines()]
+    assert len(printed) == 3
+    for p in printed:
+        assert p["pred"] == [name for name, q in p["probs"].items() if q >= 0.5]
+        assert p["pred_id"] == [[*CATEGORIES, "group-a"].index(name) for name in p["pred"]]
+    assert "10 categories, multi-label, threshold 0.5" in out.err
