@@ -42,7 +42,13 @@ MICRO_SCORES = ("micro_precision", "micro_recall", "micro_f1")  # multi-label ru
 REPETITION_FIELDS = ("seed", "dataset_dir")
 # Fields of config.json that are not train.py options: what a run found or where it was, not what it learned.
 # (dataset: the description of the dataset; its corpus becomes the setting field "task". problem_type follows from the dataset.)
-RUN_FACTS = ("runtime_options", "run_dir", "dataset", "num_params", "num_encoder_params", "num_trainable_params", "num_labels", "problem_type", "environment")
+RUN_FACTS = (
+    "runtime_options", "run_dir", "dataset", "num_params", "num_encoder_params", "num_trainable_params", "num_labels", "problem_type", "environment", "truncation_report",
+)  # fmt: skip
+# Settings added to train.py after runs were made, with the value those older runs had: --truncation
+# head is what train.py always did (and no class weights, no early stopping, the 0.5 threshold that
+# single-label runs never use), so an older run and a new default one are the same setting.
+OLDER_SETTINGS = {"truncation": "head", "head_tokens": None, "threshold": 0.5, "class_weights": "none", "early_stopping_patience": 0}
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
 # them itself under "runtime_options" (train.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (
@@ -226,7 +232,7 @@ def setting_of(config: dict[str, Any], repetitions: bool = True) -> dict[str, An
     ignored = not_setting_fields(config, repetitions)
     return {
         key: utils.to_json(value) if isinstance(value, (list, dict)) else value
-        for key, value in {**config, "world_size": world_size_of(config)}.items()
+        for key, value in {**OLDER_SETTINGS, **config, "world_size": world_size_of(config)}.items()
         if key not in ignored
     }
 

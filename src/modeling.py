@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+import tokenization
 import utils
 from utils import InputError, log
 
@@ -230,22 +230,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict
 
 
 def save_model(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, text_fields: Sequence[str], max_seq_len: int,
-    merge_lora: bool = False,
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, layout: tokenization.InputLayout, merge_lora: bool = False
 ) -> None:
     """Plain transformers format (safetensors), loadable with no project code; swapped in whole.
 
-    config.json also records the input layout (text_fields, max_seq_len), so that predict.py
-    tokenises new text exactly as training did. A LoRA model is saved as its adapter and head
-    (adapter_config.json names the base model) beside that config.json and the tokenizer, or with
-    `merge_lora` merged into the base weights as a plain full model (LoRA is then gone from `model`).
+    config.json also records the input layout (text_fields, max_seq_len, truncation, head_tokens),
+    so that predict.py tokenises new text exactly as training did. A LoRA model is saved as its
+    adapter and head (adapter_config.json names the base model) beside that config.json and the
+    tokenizer, or with `merge_lora` merged into the base weights as a plain full model (LoRA is then
+    gone from `model`).
     """
     lora = hasattr(model, "peft_config")
     if lora and merge_lora:
         model = model.merge_and_unload()
     config = model.get_base_model().config if lora and not merge_lora else model.config
-    config.text_fields = list(text_fields)
-    config.max_seq_len = max_seq_len
+    for name, value in layout.to_dict().items():
+        setattr(config, name, value)
     with utils.atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if lora and not merge_lora:

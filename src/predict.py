@@ -16,9 +16,10 @@ A multi-label model (trained on a dataset whose labels are lists; config.json's 
 every category whose sigmoid probability reaches its threshold (recorded in config.json, or
 --threshold): `pred` and `pred_id` are then lists (possibly empty), sorted by id.
 
-Text is tokenised by the code train.py uses (src/tokenization.py) with the layout the model was trained with (text_fields
-and max_seq_len, recorded in the model's config.json): the body alone is truncated, as in training (a title
-that alone fills max_seq_len is truncated too, the body left out, and the rows counted on stderr).
+Text is tokenised by the code train.py uses (src/tokenization.py) with the layout the model was trained with (text_fields,
+max_seq_len, truncation and head_tokens, recorded in the model's config.json; models saved before truncation modes kept
+the head): the body alone is truncated, as in training (a title that alone fills max_seq_len is truncated too, the body
+left out, and the rows counted on stderr), and stderr says how many rows truncation cut.
 Progress and information go to stderr, so stdout holds only the predictions.
 """
 
@@ -47,8 +48,6 @@ import tokenization
 import utils
 from utils import InputError
 
-DEFAULT_TEXT_FIELDS = ["title", "body"]  # the layout of models saved before config.json recorded it
-DEFAULT_MAX_SEQ_LEN = 512
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
     "adapter_model.safetensors",  # a LoRA run's adapters and head (train.py --save_model --lora_r)
@@ -99,13 +98,12 @@ def load_config(model_dir: Path) -> PretrainedConfig:
         raise InputError(f"cannot load {model_dir / 'config.json'} ({utils.first_line(e)})") from None
 
 
-def input_layout(config: PretrainedConfig) -> tuple[list[str], int]:
-    """(text_fields, max_seq_len) the model was trained with, as train.py records them in config.json."""
-    text_fields = list(getattr(config, "text_fields", None) or DEFAULT_TEXT_FIELDS)
-    max_seq_len = int(getattr(config, "max_seq_len", None) or DEFAULT_MAX_SEQ_LEN)
-    if not 1 <= len(text_fields) <= 2 or not all(isinstance(field, str) for field in text_fields):
-        raise InputError(f"config.json: text_fields must be one field name or two, got {text_fields!r}")
-    return text_fields, max_seq_len
+def input_layout(config: PretrainedConfig) -> tokenization.InputLayout:
+    """The input layout the model was trained with, as train.py records it in config.json (older models: title + body, 512, head)."""
+    try:
+        return tokenization.InputLayout.of(config)
+    except InputError as e:
+        raise InputError(f"config.json: {e}") from None
 
 
 def load_model(
@@ -171,7 +169,7 @@ def read_lines(lines: Iterable[str], text_fields: Sequence[str]) -> list[dict]:
 
 
 def tokenize(
-    rows: list[dict], tokenizer: transformers.PreTrainedTokenizerBase, text_fields: Sequence[str], max_seq_len: int,
+    rows: list[dict], tokenizer: transformers.PreTrainedTokenizerBase, layout: tokenization.InputLayout,
     token_type_ids: bool, slow: bool, num_workers: int, source: str,
 ) -> list[dict]:
     """Examples as train.py makes them (the same tokenization module, fast or slow path), numbered in input order."""
@@ -179,10 +177,11 @@ def tokenize(
         return []
     encoder = tokenization.choose_encoder(tokenizer, slow)
     info(f"tokenizer: {encoder.description}")
-    texts = tokenization.texts_of(rows, text_fields, tokenization.text_separator(tokenizer, text_fields))
-    encoded = tokenization.encode_parallel(encoder, texts, max_seq_len, token_type_ids, num_workers)
+    texts = tokenization.texts_of(rows, layout.text_fields, tokenization.text_separator(tokenizer, layout.text_fields))
+    encoded = tokenization.encode_parallel(encoder, texts, layout, token_type_ids, num_workers)
+    info(tokenization.truncation_note(source, encoded.truncation_report(), layout))
     if encoded.cut_titles:
-        info(tokenization.cut_titles_note(source, encoded.cut_titles, text_fields, f"the model's max_seq_len {max_seq_len}"))
+        info(tokenization.cut_titles_note(source, encoded.cut_titles, layout.text_fields, f"the model's max_seq_len {layout.max_seq_len}"))
     return encoded.examples([NO_LABEL] * len(rows))
 
 
@@ -233,7 +232,8 @@ def main(args: Args) -> list[dict]:
     device = modeling.resolve_device(args.device)
     dtype = modeling.resolve_dtype(args.dtype, device)
     config = load_config(args.model_dir)
-    text_fields, max_seq_len = input_layout(config)
+    layout = input_layout(config)
+    text_fields = layout.text_fields
     labels = [config.id2label[i] for i in range(config.num_labels)]
     objective = evaluation.Objective.from_config(config)
     if args.threshold is not None:
@@ -252,13 +252,12 @@ def main(args: Args) -> list[dict]:
     model.to(device)
     kind = f"multi-label, threshold {objective.threshold}" if objective.multi_label else "single-label"
     info(
-        f"model: {args.model_dir} ({len(labels)} categories, {kind}; input {' + '.join(text_fields)}, at most {max_seq_len} tokens) "
-        f"on {device}, {str(dtype).removeprefix('torch.')}"
+        f"model: {args.model_dir} ({len(labels)} categories, {kind}; input {layout.describe()}) on {device}, {str(dtype).removeprefix('torch.')}"
     )
 
     start = time.perf_counter()
     token_type_ids = tokenization.wants_token_type_ids(model.config, text_fields)
-    examples = tokenize(rows, tokenizer, text_fields, max_seq_len, token_type_ids, args.slow_tokenizer, args.num_workers, source)
+    examples = tokenize(rows, tokenizer, layout, token_type_ids, args.slow_tokenizer, args.num_workers, source)
     logits = classify(model, examples, tokenizer.pad_token_id, args.batch_size, device, dtype)
     predictions = [with_prediction(row, row_logits, labels, objective) for row, row_logits in zip(rows, logits)]
     seconds = time.perf_counter() - start

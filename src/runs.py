@@ -101,6 +101,15 @@ def run_config(
     }  # fmt: skip
 
 
+def record_in_config(run_dir: Path, **facts: Any) -> None:
+    """Add what the run found (e.g. truncation_report) to its config.json, rewritten atomically.
+
+    These are facts, not settings: aggregate.py lists them in RUN_FACTS.
+    """
+    path = run_dir / "config.json"
+    utils.save_json({**utils.load_json(path), **facts}, path)
+
+
 def append_log(path: Path, row: dict) -> None:
     new = not path.exists()
     with path.open("a", newline="", encoding="utf-8") as f:

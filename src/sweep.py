@@ -15,10 +15,18 @@ A combination that already has a finished run under OUTPUT_ROOT with the same se
 process count included) is skipped: after an interruption, a failure or a cancelled Slurm array,
 run the same command again. At the end, aggregate.py writes RESULTS_DIR from every finished run
 under OUTPUT_ROOT; if any run failed, the failures are listed with their logs and the exit code is 1.
+
+Any number of sweep processes with the same grid share it (the same command in every task of a PBS
+or Grid Engine array, several Slurm jobs, ssh on several nodes): each claims a combination in
+OUTPUT_ROOT/sweep-claims before it runs it (src/claims.py), takes over claims whose holder is gone,
+ends when nothing is left to claim, and aggregates in turn with the others, so that the process that
+ends last writes the complete results.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import os
 import queue
@@ -42,6 +50,7 @@ from submitit.core.utils import pickle_load
 from tap import Tap
 
 import aggregate
+import claims
 import runs
 import train  # for train.py's command line only (its Args), which the sweep checks and forwards
 import utils
@@ -136,6 +145,7 @@ class Args(Tap):
     slurm_array_parallelism: int = 256  # at most this many runs of the array at once (the %%M of Slurm's --array=0-N%%M)
     slurm_option: list[str] = []  # any other sbatch option as KEY=VALUE (or KEY for a flag), repeatable: --slurm_option account=abc --slurm_option qos=high
     no_wait: bool = False  # with --launcher slurm: submit, print the job id and return (rerun the same command later to aggregate)
+    claim_timeout: float = 600.0  # with --launcher local: seconds without a heartbeat after which another sweep process's claim on a combination is stale and taken over (a dead process on this host is noticed at once); the hosts' clocks must agree to well within it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # No abbreviations: `--lr 1e-5` must not silently mean `--lrs 1e-5`, nor `--seed` `--seeds`.
@@ -169,6 +179,8 @@ class Args(Tap):
         for name in ("jobs", "gpus_per_run", "slurm_time", "slurm_array_parallelism"):
             if getattr(self, name) < 1:
                 self.error(f"--{name} must be at least 1")
+        if not self.claim_timeout > 0:
+            self.error("--claim_timeout must be above 0 seconds")
         if self.slurm_cpus_per_run is not None and self.slurm_cpus_per_run < 1:
             self.error("--slurm_cpus_per_run must be at least 1")
         if self.launcher == "local":
@@ -218,11 +230,15 @@ class Combination:
             "--dataset_dir", str(self.dataset_dir), "--output_root", str(output_root), *forwarded,
         ]  # fmt: skip
 
-    def log_name(self, index: int) -> str:
-        """A unique file name that tells the run: its number, model (as its run folders name it), lr, seed, dataset."""
+    def slug(self) -> str:
+        """The combination in a file name: model (as its run folders name it), lr, seed, dataset."""
         model = runs.run_dir_name(self.model_name, datetime.now()).parts[0]
-        name = f"{index:03d}_{model}_lr={self.lr:g}_seed={self.seed}_{'_'.join(self.dataset_dir.parts[-2:])}"
-        return re.sub(r"[^\w.=+-]+", "_", name) + ".log"
+        name = f"{model}_lr={self.lr:g}_seed={self.seed}_{'_'.join(self.dataset_dir.parts[-2:])}"
+        return re.sub(r"[^\w.=+-]+", "_", name)
+
+    def log_name(self, index: int) -> str:
+        """A unique file name that tells the run: its number, then its slug."""
+        return f"{index:03d}_{self.slug()}.log"
 
     def __str__(self) -> str:
         return f"{self.model_name} lr={self.lr:g} seed={self.seed} dataset={self.dataset_dir}"
@@ -248,6 +264,53 @@ def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
         if isinstance(config, dict):
             found.add(setting_key(config))
     return found
+
+
+def claim_name(combination: Combination, config: dict[str, Any]) -> str:
+    """The name of a combination's claim: readable, and the same in every sweep process with the same
+    setting (a digest of it: two sweeps that differ in a forwarded setting claim different names)."""
+    setting = sorted(aggregate.setting_of(config, repetitions=False).items())
+    digest = hashlib.sha256(utils.to_json(setting).encode("utf-8")).hexdigest()[:12]
+    return f"{combination.slug()[:150]}-{digest}"
+
+
+def resumable_run(output_root: Path, combination: Combination, key: frozenset[tuple[str, Any]]) -> Path | None:
+    """The newest RESUMABLE run folder of this setting under `output_root` (config.json and checkpoint.pt,
+    no test-metrics.json), or None. Only the model's own folder is searched."""
+    model_dir = output_root / runs.run_dir_name(combination.model_name, datetime.now()).parts[0]
+    found = []
+    for run_dir in aggregate.find_run_dirs(model_dir) if model_dir.is_dir() else []:
+        if aggregate.is_finished(run_dir) or not (run_dir / "checkpoint.pt").is_file():
+            continue
+        try:
+            config = utils.load_json(run_dir / "config.json")
+        except InputError:
+            continue
+        if isinstance(config, dict) and setting_key(config) == key:
+            found.append(run_dir)
+    return max(found, key=lambda d: (d / "checkpoint.pt").stat().st_mtime, default=None)
+
+
+def option_groups(argv: Sequence[str]) -> list[list[str]]:
+    """Command-line tokens cut into options, each with its values: ["--a", "1", "--b=2"] -> [["--a", "1"], ["--b=2"]]."""
+    groups: list[list[str]] = []
+    for token in argv:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def resume_argv(run_dir: Path, forwarded: Sequence[str]) -> list[str] | None:
+    """train.py's arguments to continue `run_dir`: --resume, and the forwarded options that are runtime
+    options (its settings come from its config.json). None when this train.py has no --resume."""
+    if "--resume" not in train_options():
+        return None
+    config = utils.load_json(run_dir / "config.json")
+    runtime = aggregate.not_setting_fields(config, repetitions=False) - set(aggregate.RUN_FACTS)
+    kept = [g for g in option_groups(forwarded) if g[0].removeprefix("--").split("=", 1)[0] in runtime]
+    return ["--resume", str(run_dir), *itertools.chain.from_iterable(kept)]
 
 
 def combination_configs(
@@ -329,7 +392,7 @@ def local_slots(args: Args, device: str, device_count: int, cores: int, environ:
     return gpu_slots(visible_gpus(environ, device_count), args.jobs, args.gpus_per_run, share)
 
 
-Runner = Callable[[Launch, Slot], int]  # a run in its slot -> exit code (0: success)
+Runner = Callable[[Launch, Slot], "int | None"]  # a run in its slot -> exit code (0: success), None: not run here (claimed elsewhere)
 
 
 # --- progress and failures ----------------------------------------------------------------------
@@ -369,6 +432,11 @@ class Progress:
             self.stream.write(self.line() + "\n")
             self.last = time.monotonic()
         self.stream.flush()
+
+    def note(self, message: str) -> None:
+        """A message on a line of its own, above the progress line."""
+        self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
+        self.show(force=True)
 
     def ended(self, message: str, ok: bool) -> None:
         """A run ended: count it and say so."""
@@ -415,7 +483,7 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
     lock = threading.Lock()
     started: dict[int, float] = {}
 
-    def work(index: int) -> int:
+    def work(index: int) -> int | None:
         slot = free.get()  # never blocks: as many threads as slots
         with lock:
             started[index] = time.monotonic()
@@ -430,13 +498,16 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
     failures: list[Failure] = []
     pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="sweep-run")
     try:
-        futures: dict[Future[int], int] = {pool.submit(work, i): i for i in range(len(launches))}
+        futures: dict[Future[int | None], int] = {pool.submit(work, i): i for i in range(len(launches))}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=1.0 if progress.tty else 5.0, return_when=FIRST_COMPLETED)
             for future in sorted(finished, key=futures.__getitem__):
                 index = futures[future]
                 launch, code = launches[index], future.result()
+                if code is None:  # another sweep process holds its claim: not a run of this process
+                    progress.total -= 1
+                    continue
                 seconds = time.monotonic() - started[index]
                 status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
                 progress.ended(f"[{index + 1}/{len(launches)}] {status} in {format_seconds(seconds)}: {launch.title}  (log: {launch.log_path})", code == 0)
@@ -448,6 +519,140 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
         pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
     return failures
+
+
+# --- claims: any number of sweep processes share one grid ---------------------------------------
+
+CLAIMS_FOLDER = "sweep-claims"  # under OUTPUT_ROOT, seen by every process of the grid
+# Exit codes of a run stopped by a signal (train.py: 130 on SIGINT, 143 on SIGTERM, its folder resumable):
+# its claim is given back, free for the next process, rather than recorded as a failure.
+INTERRUPTED = frozenset([130, 143, -signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP])
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A combination to run, as the claims see it: its claim's name and its setting."""
+
+    combination: Combination
+    claim: str
+    key: frozenset[tuple[str, Any]]
+
+
+class ClaimingRunner:
+    """Runs a launch only when this process wins its combination's claim, and ends the claim with the
+    run's outcome. Returns None, running nothing, when another sweep process holds the claim or settled
+    the combination while this one ran. A combination run again resumes its run folder when that has a
+    checkpoint (a stale claim taken over, an interrupted sweep run again) and train.py can resume."""
+
+    def __init__(self, run: Runner, held: claims.Claims, planned: dict[str, Planned], output_root: Path, forwarded: Sequence[str]) -> None:
+        self.run, self.held, self.planned = run, held, planned
+        self.output_root, self.forwarded = output_root, list(forwarded)
+        self.note: Callable[[str], None] = print
+        self.ran: dict[str, int] = {}  # title -> exit code, for the runs of this process
+        self.elsewhere: dict[str, claims.Record] = {}  # title -> the claim that kept it from this process
+
+    def __call__(self, launch: Launch, slot: Slot) -> int | None:
+        plan = self.planned[launch.title]
+        got = self.held.claim(plan.claim, launch.title, str(launch.log_path))
+        if isinstance(got, claims.Record):
+            self.elsewhere[launch.title] = got
+            return None
+        self.elsewhere.pop(launch.title, None)
+        if got.stale_reason and got.previous is not None:
+            self.note(f"sweep: taking over {launch.title} from {got.previous.holder}: {got.stale_reason}")
+        try:
+            self.resume(launch, plan)
+            code = self.run(launch, slot)
+        except BaseException:
+            self.held.release(got, claims.RELEASED, "given back unfinished")
+            raise
+        state = claims.DONE if code == 0 else claims.RELEASED if code in INTERRUPTED else claims.FAILED
+        self.held.release(got, state, "" if code == 0 else describe_exit(code))
+        self.ran[launch.title] = code
+        return code
+
+    def resume(self, launch: Launch, plan: Planned) -> None:
+        """Continue the combination's resumable run folder, if it has one, instead of starting again."""
+        run_dir = resumable_run(self.output_root, plan.combination, plan.key)
+        if run_dir is None:
+            return
+        argv = resume_argv(run_dir, self.forwarded)
+        if argv is None:
+            self.note(f"sweep: {launch.title}: {run_dir} has a checkpoint, but this train.py cannot resume; the run starts again")
+            return
+        launch.argv = argv
+        self.note(f"sweep: {launch.title}: resuming {run_dir}")
+
+
+def run_claimed(launches: list[Launch], slots: list[Slot], runner: ClaimingRunner, progress: Progress) -> list[Failure]:
+    """Run, `len(slots)` at a time, the launches whose claims this process wins; return the failures.
+
+    Claims are taken one at a time, as slots free up. What another process held is tried again after a
+    pass that ran something (its holder may have ended, or died, meanwhile); the process ends after a
+    pass that ran nothing: nothing is left to claim.
+    """
+    failures: list[Failure] = []
+    pending = launches
+    while pending:
+        runner.note = progress.note
+        ran_before = len(runner.ran)
+        failures += run_local(pending, slots, runner, progress)
+        if len(runner.ran) == ran_before:
+            break
+        pending = [launch for launch in pending if launch.title in runner.elsewhere and runner.elsewhere[launch.title].state == claims.RUNNING]
+        progress = Progress(len(pending))
+    return failures
+
+
+def report_claims(runner: ClaimingRunner, total: int) -> int:
+    """When other sweep processes shared the grid: what this one ran, what they ran or still run.
+    Returns how many runs still run elsewhere."""
+    if not runner.elsewhere:
+        return 0
+    now, snapshot = time.time(), runner.held.snapshot()
+    records = [snapshot.get(runner.planned[title].claim, record) for title, record in runner.elsewhere.items()]
+    by_state: dict[str, list[claims.Record]] = {}
+    for record in records:
+        by_state.setdefault(record.state, []).append(record)
+    done_by: dict[str, int] = {}
+    for record in by_state.get(claims.DONE, []):
+        done_by[record.holder] = done_by.get(record.holder, 0) + 1
+    failed_here = sum(code != 0 for code in runner.ran.values())
+    running = by_state.get(claims.RUNNING, [])
+    print(
+        f"sweep: this process ({claims.HOST} pid {os.getpid()}) ran {len(runner.ran)} of the {total} combinations to run "
+        f"({len(runner.ran) - failed_here} done, {failed_here} failed); other sweep processes: "
+        f"{len(by_state.get(claims.DONE, []))} done, {len(by_state.get(claims.FAILED, []))} failed, {len(running)} still running",
+        flush=True,
+    )
+    if done_by:
+        print("  done elsewhere: " + ", ".join(f"{holder}: {count}" for holder, count in sorted(done_by.items())), flush=True)
+    for record in [*by_state.get(claims.FAILED, []), *running, *by_state.get(claims.RELEASED, [])]:
+        print(f"  {claims.describe(record, now)}", flush=True)
+    if running:
+        print(f"sweep: {len(running)} run(s) still running elsewhere: the sweep process that ends last aggregates them too", flush=True)
+    return len(running)
+
+
+def say_claimed(held: claims.Claims, planned: dict[str, Planned]) -> None:
+    """Say how many combinations to run other sweep processes hold now (they are left to them)."""
+    snapshot = held.snapshot()
+    now = time.time()
+    holders = [
+        record.holder for plan in planned.values()
+        if (record := snapshot.get(plan.claim)) is not None and record.state == claims.RUNNING and record.stale_reason(held.timeout, now) is None
+    ]  # fmt: skip
+    if holders:
+        print(
+            f"sweep: {len(holders)} of them are running in other sweep processes ({', '.join(sorted(set(holders)))}): "
+            f"this process takes the others",
+            flush=True,
+        )
+
+
+def aggregate_lock(results_dir: Path) -> str:
+    """The name of the lock that orders the aggregations into `results_dir`."""
+    return "aggregate-" + hashlib.sha256(str(results_dir.resolve()).encode("utf-8")).hexdigest()[:12]
 
 
 # --- the Slurm launcher (submitit) ---------------------------------------------------------------
@@ -551,17 +756,23 @@ def run_slurm(args: Args, launches: list[Launch], folder: Path, gpus: bool, prog
 # --- the sweep ------------------------------------------------------------------------------------
 
 
-def aggregate_and_report(args: Args, failures: list[Failure], total: int) -> None:
-    """aggregate.py over OUTPUT_ROOT; then, if any run failed, the list of failures (exit code 1)."""
+def aggregate_and_report(args: Args, failures: list[Failure], total: int, held: claims.Claims | None = None, running_elsewhere: int = 0) -> None:
+    """aggregate.py over OUTPUT_ROOT; then, if any run failed, the list of failures (exit code 1).
+
+    With `held`, one process aggregates at a time (a lock in the claims folder): each reads every run
+    finished when its turn comes, so the process that ends last writes the complete results.
+    """
     aggregate_args = aggregate.Args().parse_args(["--input_dir", str(args.output_root), "--output_dir", str(args.results_dir)])
-    if not failures:
-        aggregate.main(aggregate_args)
-        return
+    lock = held.exclusive(aggregate_lock(args.results_dir), f"aggregating into {args.results_dir}") if held else contextlib.nullcontext()
     try:
-        aggregate.main(aggregate_args)
+        with lock:
+            aggregate.main(aggregate_args)
     except InputError as e:  # e.g. no finished run at all: still report the failures below
+        if not failures and not running_elsewhere:
+            raise
         print(f"aggregate: {e}", file=sys.stderr)
-    raise RunsFailed(failures, total)
+    if failures:
+        raise RunsFailed(failures, total)
 
 
 def main(args: Args, run: Runner = run_logged) -> None:
@@ -578,12 +789,17 @@ def main(args: Args, run: Runner = run_logged) -> None:
     done = finished_settings(args.output_root)
     configs = combination_configs(combinations, args.output_root, args.extra_args, world_size=args.gpus_per_run)
     todo = [c for c, config in zip(combinations, configs) if setting_key(config) not in done]
+    config_of = dict(zip(combinations, configs))
     shape = f"{len(args.models)} models x {len(args.lrs)} lrs x {len(args.seeds)} seeds x {len(args.dataset_dirs)} datasets"
     print(
         f"sweep: {len(combinations)} combinations ({shape}), {len(combinations) - len(todo)} already done, "
         f"{len(todo)} to run; outputs in {args.output_root}",
         flush=True,
     )
+    held = claims.Claims(args.output_root / CLAIMS_FOLDER, args.claim_timeout)
+    planned = {str(c): Planned(c, claim_name(c, config_of[c]), setting_key(config_of[c])) for c in todo}
+    if args.launcher == "local":
+        say_claimed(held, planned)
 
     # Each run's output goes to its own log file, in a folder per sweep invocation.
     log_dir = args.output_root / "sweep-logs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -598,19 +814,24 @@ def main(args: Args, run: Runner = run_logged) -> None:
 
     device = configs[0]["device"]
     progress = Progress(len(launches))
-    if not launches:
-        failures: list[Failure] | None = []
-    elif args.launcher == "slurm":
-        # The submitting machine may have no GPU: --device says what the runs need.
-        failures = run_slurm(args, launches, log_dir / "slurm", wants_gpus(device), progress)
-        if failures is None:  # --no_wait
-            return
-    else:
-        slots = local_slots(args, device, torch.cuda.device_count(), utils.available_cpus(), os.environ)
-        print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
-        failures = run_local(launches, slots, run, progress)
+    with held:  # its heartbeat lasts until the aggregation is written
+        running_elsewhere = 0
+        if not launches:
+            failures: list[Failure] | None = []
+        elif args.launcher == "slurm":
+            # The submitting machine may have no GPU: --device says what the runs need.
+            failures = run_slurm(args, launches, log_dir / "slurm", wants_gpus(device), progress)
+            if failures is None:  # --no_wait
+                return
+        else:
+            slots = local_slots(args, device, torch.cuda.device_count(), utils.available_cpus(), os.environ)
+            print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
+            # Any number of sweep processes with this grid share it: each runs what it claims first.
+            runner = ClaimingRunner(run, held, planned, args.output_root, args.extra_args)
+            failures = run_claimed(launches, slots, runner, progress)
+            running_elsewhere = report_claims(runner, len(launches))
 
-    aggregate_and_report(args, failures, len(launches))
+        aggregate_and_report(args, failures, len(launches), held, running_elsewhere)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from modeling import (
     check_max_seq_len, count_encoder_params, enable_gradient_checkpointing, freeze_unreachable, load_model, param_groups, resolve_device,
     resolve_dtype, save_model,
 )
-from runs import append_log, make_run_dir, run_config, write_test_outputs
+from runs import append_log, make_run_dir, record_in_config, run_config, write_test_outputs
 from utils import InputError, log
 
 
@@ -78,6 +78,8 @@ class Args(Runtime):
     lr: float = 3e-5  # peak learning rate of AdamW
     num_warmup_epochs: int = 2  # epochs of linear warm-up; the learning rate then decays linearly to 0 (longer than --epochs: the peak --lr is never reached)
     max_seq_len: int = 512  # tokens per example, [CLS] and [SEP]s included
+    truncation: Literal["head", "tail", "head_tail"] = "head"  # what of a last text (the body) too long for --max_seq_len is kept: head (its start, as the reference), tail (its end), head_tail (its first --head_tokens tokens and the rest from its end; Sun et al. 2019)
+    head_tokens: int | None = None  # head_tail: tokens kept from the start of the body (default: --max_seq_len / 4, i.e. 128 at 512, the other 382 from its end); recorded as the number used
     weight_decay: float = 0.01  # AdamW weight decay for matrices (biases and norm weights get none)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this x devices)
     max_grad_norm: float = 0.0  # clip the gradient norm to this; 0 (the default, as in the reference): no clipping
@@ -101,6 +103,10 @@ class Args(Runtime):
                 self.error(f"--{name} must be at least 1")
         if not 1 <= len(self.text_fields) <= 2:
             self.error("--text_fields takes one field (a single text) or two (a pair)")
+        try:  # head_tail's default head, scaled to --max_seq_len, is recorded as the number it is
+            self.head_tokens = tokenization.InputLayout.of(self).head_tokens
+        except InputError as e:
+            self.error(f"--{e}")
         if self.num_warmup_epochs < 0:
             self.error("--num_warmup_epochs cannot be negative")
         if self.max_grad_norm < 0:
@@ -235,12 +241,14 @@ def main(args: Args) -> Path:
     log(objective.describe())
 
     # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
-    examples = tokenization.tokenize_splits(
-        rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, text_fields=args.text_fields,
-        max_seq_len=args.max_seq_len, token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
+    layout = tokenization.InputLayout.of(args)
+    examples, truncation_report = tokenization.tokenize_splits(
+        rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, layout=layout,
+        token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
         slow=args.slow_tokenizer, num_workers=args.num_workers, log=log, separator=tokenization.text_separator(tokenizer, args.text_fields),
         cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
     )
+    on_rank_0(lambda: record_in_config(run_dir, truncation_report=truncation_report), rank, world_size)
 
     pad = partial(collate, pad_token_id=tokenizer.pad_token_id, num_labels=len(label2id))
     sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
@@ -350,7 +358,7 @@ def main(args: Args) -> Path:
         except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
             log(f"warning: figures not drawn ({type(e).__name__}: {utils.first_line(e)}); redraw them with python src/plot.py --run_dirs {run_dir}")
         if args.save_model:
-            save_model(model, tokenizer, run_dir / "model", args.text_fields, args.max_seq_len, args.merge_lora)
+            save_model(model, tokenizer, run_dir / "model", layout, args.merge_lora)
         utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
 
     on_rank_0(write_results, rank, world_size)

@@ -116,7 +116,7 @@ def test_decoders_read_title_and_body_as_one_text_joined_by_a_newline(tiny_famil
     rows = [{"title": "映画の話題", "body": "監督と俳優が主演した。" * 20}]
     texts = tokenization.texts_of(rows, ["title", "body"], "\n")
     assert texts == [["映画の話題\n" + rows[0]["body"]]]
-    encoded = tokenization.SlowEncoder(tokenizer, "test")(texts, 16, False)
+    encoded = tokenization.SlowEncoder(tokenizer, "test")(texts, tokenization.InputLayout(("text",), 16), False)
     whole = tokenizer(texts[0][0])["input_ids"]
     assert encoded.example(0)["input_ids"] == whole[:16] and whole[0] == tokenizer.bos_token_id  # the start kept: the body is cut
 

@@ -18,7 +18,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import data
 import predict
+import train
 import utils
+from tokenization import InputLayout
 from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,10 +186,39 @@ def test_a_single_text_model_reads_whole_lines(model_dir: Path, test_rows: list[
 
 
 def test_input_layout_comes_from_the_config() -> None:
-    assert predict.input_layout(PretrainedConfig()) == (["title", "body"], 512)  # models saved without it
-    assert predict.input_layout(PretrainedConfig(text_fields=["text"], max_seq_len=128)) == (["text"], 128)
-    with pytest.raises(InputError, match="text_fields must be one field name or two"):
+    assert predict.input_layout(PretrainedConfig()) == InputLayout(("title", "body"), 512, "head")  # models saved without it
+    assert predict.input_layout(PretrainedConfig(text_fields=["text"], max_seq_len=128)) == InputLayout(("text",), 128, "head")
+    assert predict.input_layout(PretrainedConfig(truncation="head_tail", head_tokens=20)) == InputLayout(("title", "body"), 512, "head_tail", 20)
+    with pytest.raises(InputError, match="^config.json: text_fields must be one field name or two"):
         predict.input_layout(PretrainedConfig(text_fields=["a", "b", "c"]))
+    with pytest.raises(InputError, match="^config.json: truncation must be one of head, tail, head_tail, got 'middle'$"):
+        predict.input_layout(PretrainedConfig(truncation="middle"))
+
+
+def test_predict_truncates_as_the_run_did(
+    make_train_args, test_rows: list[dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A head_tail run's saved model records its layout; predict.py keeps the same ends of a long body as training."""
+    run_dir = train.main(make_train_args(tmp_path / "out", "--truncation", "head_tail", "--max_seq_len", "32", "--epochs", "1", "--save_model"))
+    saved = AutoConfig.from_pretrained(run_dir / "model")
+    assert (saved.truncation, saved.head_tokens, saved.max_seq_len) == ("head_tail", 8, 32)  # 32 / 4
+    capsys.readouterr()
+    rows = [{**row, "body": row["body"] * 3} for row in test_rows[:5]]
+    utils.save_jsonl(rows, tmp_path / "in.jsonl")
+    predictions = run_predict(run_dir / "model", "--input_file", str(tmp_path / "in.jsonl"))
+    err = capsys.readouterr().err
+    assert "truncation head_tail: a body that does not fit keeps its first 8 tokens and the rest from its end" in err
+    assert re.search(rf"{re.escape(str(tmp_path / 'in.jsonl'))}: 5 of 5 examples truncated \(100\.0%\) at 32 tokens, head_tail truncation", err)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    title_ids, body_ids = (tokenizer(rows[0][field], add_special_tokens=False)["input_ids"] for field in ("title", "body"))
+    tail = 32 - 3 - len(title_ids) - 8
+    example = predict.tokenize(rows, tokenizer, predict.input_layout(saved), True, False, 1, "x")[0]
+    assert example["input_ids"] == [tokenizer.cls_token_id, *title_ids, tokenizer.sep_token_id, *body_ids[:8], *body_ids[-tail:], tokenizer.sep_token_id]
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([example["input_ids"]]), token_type_ids=torch.tensor([example["token_type_ids"]])).logits[0]
+    assert [predictions[0]["probs"][name] for name in CATEGORIES] == pytest.approx(torch.softmax(logits, -1).tolist(), abs=1e-5)
+    assert predictions[0]["pred"] == CATEGORIES[int(logits.argmax())]
 
 
 def test_dtype_applies_autocast(model_dir: Path, test_rows: list[dict], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -275,7 +306,7 @@ def test_a_title_longer_than_max_seq_len_is_truncated_and_reported(
     # The same as what training's tokenisation makes of that row: the first 61 title tokens, then [SEP] [SEP].
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     title_ids = tokenizer(rows[1]["title"], add_special_tokens=False)["input_ids"]
-    example = predict.tokenize(rows, tokenizer, ["title", "body"], MAX_SEQ_LEN, True, True, 1, "x")[1]
+    example = predict.tokenize(rows, tokenizer, InputLayout(("title", "body"), MAX_SEQ_LEN), True, True, 1, "x")[1]
     assert example["input_ids"] == [tokenizer.cls_token_id, *title_ids[: MAX_SEQ_LEN - 3], tokenizer.sep_token_id, tokenizer.sep_token_id]
 
 

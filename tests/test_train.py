@@ -214,7 +214,8 @@ def test_evaluation_loss_is_the_mean_over_examples(tiny_model_dir: Path, dataset
     label2id = data.load_label2id(dataset_dir)
     tokenizer, model = modeling.load_model(str(tiny_model_dir), label2id)
     rows = data.load_split(dataset_dir, "val", ["title", "body"], 9)
-    examples = tokenization.encode_slow(tokenizer, tokenization.texts_of(rows, ["title", "body"]), 64, True).examples([r["label"] for r in rows])
+    layout = tokenization.InputLayout(("title", "body"), 64)
+    examples = tokenization.SlowEncoder(tokenizer, "test")(tokenization.texts_of(rows, layout.text_fields), layout, True).examples([r["label"] for r in rows])
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     pad = lambda batch: data.collate(batch, tokenizer.pad_token_id)  # noqa: E731
 
@@ -234,7 +235,8 @@ def test_evaluation_loss_is_the_mean_over_examples(tiny_model_dir: Path, dataset
 def test_pairs_keep_their_segment_ids(tiny_model_dir: Path) -> None:
     """transformers 5 drops token_type_ids unless asked; BERT pairs need them."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    example = tokenization.encode_slow(tokenizer, [["映画の監督", "俳優について主演の公開が話題になっている。"]], 64, token_type_ids=True).example(0)
+    texts = [["映画の監督", "俳優について主演の公開が話題になっている。"]]
+    example = tokenization.SlowEncoder(tokenizer, "test")(texts, tokenization.InputLayout(("title", "body"), 64), token_type_ids=True).example(0)
     types = example["token_type_ids"]
     first_sep = example["input_ids"].index(tokenizer.sep_token_id)
     assert types == [0] * (first_sep + 1) + [1] * (len(types) - first_sep - 1)
@@ -246,7 +248,7 @@ def test_pairs_keep_their_segment_ids(tiny_model_dir: Path) -> None:
 def test_only_the_body_is_truncated(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     title, body = "映画の監督", "俳優について主演の公開が話題になっている。" * 40
-    example = tokenization.encode_slow(tokenizer, [[title, body]], 32, token_type_ids=True).example(0)
+    example = tokenization.SlowEncoder(tokenizer, "test")([[title, body]], tokenization.InputLayout(("title", "body"), 32), token_type_ids=True).example(0)
     assert len(example["input_ids"]) == 32
     title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
     assert example["input_ids"][1 : 1 + len(title_ids)] == title_ids

@@ -186,9 +186,9 @@ def measure_tokenisation(train_argv: list[str], rows: list[dict], path: Path, la
     del model
     start = time.perf_counter()
     examples = tokenization.tokenize_splits(
-        {"train": rows}, {"train": path}, tokenizer, text_fields=args.text_fields, max_seq_len=args.max_seq_len,
+        {"train": rows}, {"train": path}, tokenizer, layout=tokenization.InputLayout.of(args),
         token_type_ids=token_type_ids, slow=args.slow_tokenizer, num_workers=args.num_workers, cache_dir=None, log=print,
-    )["train"]
+    )[0]["train"]
     seconds = time.perf_counter() - start
     tokens = sum(len(e["input_ids"]) for e in examples)
     return examples, {
