@@ -73,6 +73,7 @@ def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
 def run_config(
     args: Tap, runtime_options: Sequence[str], num_params: int, num_encoder_params: int, num_labels: int, run_dir: Path,
     device: torch.device, dtype: torch.dtype, world_size: int, dataset: dict[str, Any], problem_type: str = "single_label_classification",
+    num_trainable_params: int | None = None,
 ) -> dict:
     """Every argument with its JSON type, the names of those that are runtime options (not settings),
     plus what is needed to read the run later: among it the dataset's description (data.load_description),
@@ -98,8 +99,8 @@ def run_config(
     }
     return {
         **config, "runtime_options": list(runtime_options), "world_size": world_size, "num_params": num_params,
-        "num_encoder_params": num_encoder_params, "num_labels": num_labels, "problem_type": problem_type, "dataset": dataset,
-        "run_dir": str(run_dir), "environment": environment,
+        "num_encoder_params": num_encoder_params, "num_trainable_params": num_params if num_trainable_params is None else num_trainable_params,
+        "num_labels": num_labels, "problem_type": problem_type, "dataset": dataset, "run_dir": str(run_dir), "environment": environment,
     }  # fmt: skip
 
 
