@@ -43,7 +43,7 @@ REPETITION_FIELDS = ("seed", "dataset_dir")
 # Fields of config.json that are not train.py options: what a run found or where it was, not what it learned.
 # (dataset: the description of the dataset; its corpus becomes the setting field "task". problem_type follows from the dataset.)
 RUN_FACTS = (
-    "runtime_options", "run_dir", "dataset", "num_params", "num_encoder_params", "num_labels", "problem_type", "environment", "truncation_report",
+    "runtime_options", "run_dir", "dataset", "num_params", "num_encoder_params", "num_trainable_params", "num_labels", "problem_type", "environment", "truncation_report",
 )  # fmt: skip
 # Settings added to train.py after runs were made, with the value those older runs had: --truncation
 # head is what train.py always did (and no class weights, no early stopping, the 0.5 threshold that
@@ -55,6 +55,7 @@ OLD_RUNTIME_OPTIONS = (
     "output_root", "device", "num_workers", "eval_batch_size", "save_model", "compile",
     "slow_tokenizer",  # the same ids either way
     "tokenized_cache", "tokenized_cache_dir",
+    "merge_lora",  # newer than the runtime_options list: no old run has it, listed so that the two lists stay one set
 )  # fmt: skip
 
 

@@ -202,7 +202,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, au
     text, predict.py): no loss (0)."""
     model.eval()
     out = []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not utils.is_main_process()):
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not utils.show_progress()):
         inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "index")}
         with autocast():
             logits = model(**inputs).logits.float()

@@ -42,19 +42,24 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import data
 import evaluation
+import lora
 import modeling
 import tokenization
 import utils
 from utils import InputError
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",  # a LoRA run's adapters and head (train.py --save_model --lora_r)
+)  # fmt: skip
 OUTPUT_FIELDS = ("pred", "pred_id", "probs")  # appended to each row; input fields of these names are replaced
 NO_LABEL = -100  # data.collate needs a label; evaluation.predict computes no loss here (no objective)
 SAVE_HINT = "train one with `python src/train.py --save_model` and pass its RUN_DIR/model, e.g. outputs/<model>/<date>/<time>/model"
 
 
 class Args(Tap):
-    model_dir: Path  # the folder train.py --save_model wrote: RUN_DIR/model (config.json, model.safetensors, tokenizer)
+    model_dir: Path  # the folder train.py --save_model wrote: RUN_DIR/model (config.json, model.safetensors or a LoRA adapter, tokenizer)
+    base_model: str | None = None  # for a LoRA adapter folder: its base model, a hub name (from the Hugging Face cache offline) or a local folder; default: the one its adapter_config.json names
     input_file: Path | None = None  # JSONL with the model's text fields (e.g. title, body); without it, stdin: a text per line (pairs: title TAB body; no TAB: body only)
     output_file: Path | None = None  # JSONL of the input rows with pred, pred_id and probs (written atomically); without it, stdout
     batch_size: int = 32  # examples per forward pass (batches are sorted by length, the output is in input order)
@@ -101,11 +106,23 @@ def input_layout(config: PretrainedConfig) -> tokenization.InputLayout:
         raise InputError(f"config.json: {e}") from None
 
 
-def load_model(model_dir: Path, config: PretrainedConfig) -> tuple[transformers.PreTrainedTokenizerBase, transformers.PreTrainedModel]:
-    """The saved tokenizer and model, through the same Auto* classes as any transformers user."""
+def load_model(
+    model_dir: Path, config: PretrainedConfig, base_model: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[transformers.PreTrainedTokenizerBase, transformers.PreTrainedModel]:
+    """The saved tokenizer and model, through the same Auto* classes as any transformers user.
+
+    A LoRA adapter folder: the base model (BASE_MODEL, or the one adapter_config.json names) with
+    the saved config (labels, pad token), then the adapters and head put on it and merged.
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
+        if lora.is_adapter_dir(model_dir):
+            base = base_model or lora.base_model_name(model_dir)
+            info(f"LoRA adapter on base model {base}")
+            model = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=dtype)
+            model = lora.load_adapter_model(model, model_dir)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config, dtype=dtype)
     except (OSError, *modeling.LOAD_ERRORS) as e:
         raise InputError(f"cannot load the model saved in {model_dir} ({type(e).__name__}: {utils.first_line(e)}): {SAVE_HINT}") from None
     return tokenizer, model
@@ -160,7 +177,7 @@ def tokenize(
         return []
     encoder = tokenization.choose_encoder(tokenizer, slow)
     info(f"tokenizer: {encoder.description}")
-    texts = tokenization.texts_of(rows, layout.text_fields)
+    texts = tokenization.texts_of(rows, layout.text_fields, tokenization.text_separator(tokenizer, layout.text_fields))
     encoded = tokenization.encode_parallel(encoder, texts, layout, token_type_ids, num_workers)
     info(tokenization.truncation_note(source, encoded.truncation_report(), layout))
     if encoded.cut_titles:
@@ -230,7 +247,8 @@ def main(args: Args) -> list[dict]:
             info(f"reading from stdin, one text per line ({' TAB '.join(text_fields)}); end with Ctrl-D")
         rows = read_lines(stdin_lines(sys.stdin), text_fields)
 
-    tokenizer, model = load_model(args.model_dir, config)
+    # Weights in the forward pass's dtype: a LoRA model's base in bf16 takes half the memory.
+    tokenizer, model = load_model(args.model_dir, config, args.base_model, dtype)
     model.to(device)
     kind = f"multi-label, threshold {objective.threshold}" if objective.multi_label else "single-label"
     info(

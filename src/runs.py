@@ -60,8 +60,10 @@ def git_commit() -> str | None:
 
 
 def args_to_json(args: Tap) -> dict[str, Any]:
-    """The arguments as config.json stores them: paths as strings, everything else with its JSON type."""
-    return {key: str(value) if isinstance(value, Path) else value for key, value in args.as_dict().items()}
+    """The arguments as config.json stores them: paths as strings, everything else with its JSON type,
+    in the order the Args classes declare them (Tap's as_dict order follows set iteration, which varies)."""
+    values = args.as_dict()
+    return {key: str(values[key]) if isinstance(values[key], Path) else values[key] for key in args.class_variables if key in values}
 
 
 def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
@@ -75,6 +77,7 @@ def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
 def run_config(
     args: Tap, runtime_options: Sequence[str], num_params: int, num_encoder_params: int, num_labels: int, run_dir: Path,
     device: torch.device, dtype: torch.dtype, world_size: int, dataset: dict[str, Any], problem_type: str = "single_label_classification",
+    num_trainable_params: int | None = None,
 ) -> dict:
     """Every argument with its JSON type, the names of those that are runtime options (not settings),
     plus what is needed to read the run later: among it the dataset's description (data.load_description),
@@ -83,7 +86,8 @@ def run_config(
     The process count is a setting, not an environment detail: it multiplies the effective batch
     and divides the optimizer steps, so runs with different counts are different experiments.
     """
-    config = args_to_json(args)
+    # Settings first, then runtime options, each in declaration order; then the derived fields.
+    config = dict(sorted(args_to_json(args).items(), key=lambda item: item[0] in runtime_options))
     environment = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -99,8 +103,8 @@ def run_config(
     }
     return {
         **config, "runtime_options": list(runtime_options), "world_size": world_size, "num_params": num_params,
-        "num_encoder_params": num_encoder_params, "num_labels": num_labels, "problem_type": problem_type, "dataset": dataset,
-        "run_dir": str(run_dir), "environment": environment,
+        "num_encoder_params": num_encoder_params, "num_trainable_params": num_params if num_trainable_params is None else num_trainable_params,
+        "num_labels": num_labels, "problem_type": problem_type, "dataset": dataset, "run_dir": str(run_dir), "environment": environment,
     }  # fmt: skip
 
 
@@ -188,11 +192,28 @@ def checkpoint_state(
 ) -> dict[str, Any]:
     """Everything the epochs after `epoch` depend on: the weights and the optimizer's moments, the schedule, the fp16
     loss scale, the best epoch so far with its weights, the log rows, and each process's random generators (`rng`,
-    in rank order). The training order needs nothing more: the sampler derives it from the seed and the epoch."""
+    in rank order). The training order needs nothing more: the sampler derives it from the seed and the epoch.
+
+    Frozen parameters (a LoRA run's base model, LUKE's unreachable entity queries) never change: they are left out,
+    and a resumed run has them from --model_name again (load_trained_state)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     return {
-        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "model": {key: value for key, value in model.state_dict().items() if key not in frozen},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "best_epoch": best_epoch, "best_f1": best_f1, "best_model": best_model, "log": log_rows, "rng": rng,
     }  # fmt: skip
+
+
+def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], run_dir: Path) -> None:
+    """Put a checkpoint's weights back into the model: every one but the frozen, which the model loaded already has."""
+    loaded = model.load_state_dict(state, strict=False)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    unfit = [*loaded.unexpected_keys, *(key for key in loaded.missing_keys if key not in frozen)]
+    if unfit:
+        raise InputError(
+            f"{run_dir / CHECKPOINT} does not fit this model ({len(unfit)} weights, e.g. {unfit[0]}): was --model_name changed? "
+            f"start the run again without --resume"
+        )
 
 
 def save_checkpoint(run_dir: Path, checkpoint: dict[str, Any]) -> None:

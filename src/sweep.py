@@ -88,7 +88,31 @@ MODERN_MODELS = [
     "llm-jp/llm-jp-modernbert-base",
     "ku-nlp/deberta-v3-base-japanese",
 ]
-PRESETS = {"reference": REFERENCE_MODELS, "modern": MODERN_MODELS}
+# Japanese-capable decoder LLMs from 0.5 to 8 B parameters, trained as classifiers with LoRA (README: the
+# memory each needs). Llama-architecture: llm-jp-3, sarashina2.2, Swallow; then Qwen2.5 and Gemma 2.
+LLM_MODELS = [
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen/Qwen2.5-1.5B-Instruct",
+    "sbintuitions/sarashina2.2-1b",
+    "llm-jp/llm-jp-3-1.8b",
+    "google/gemma-2-2b-jpn-it",
+    "sbintuitions/sarashina2.2-3b",
+    "llm-jp/llm-jp-3-3.7b",
+    "Qwen/Qwen2.5-7B-Instruct",
+    "tokyotech-llm/Llama-3.1-Swallow-8B-v0.5",
+]
+PRESETS = {"reference": REFERENCE_MODELS, "modern": MODERN_MODELS, "llm": LLM_MODELS}
+# A preset's own learning rates and train.py options (used where --lrs or the option is not given).
+# llm: hppRC/llm-lora-classification's set-up on livedoor (LoRA r 32, alpha 16, dropout 0.1; batch 32,
+# 10 epochs, 1 warm-up epoch, gradient checkpointing; lrs 1e-4 to 1e-3, 5e-4 best for its 3.6 B model).
+DEFAULT_LRS = [1e-5, 3e-5, 5e-5]
+PRESET_LRS = {"llm": [1e-4, 3e-4, 5e-4, 1e-3]}
+PRESET_TRAIN_OPTIONS = {
+    "llm": {
+        "--lora_r": "32", "--lora_alpha": "16", "--lora_dropout": "0.1", "--batch_size": "32", "--epochs": "10",
+        "--num_warmup_epochs": "1", "--gradient_checkpointing": None,
+    },
+}  # fmt: skip
 
 # train.py options that the sweep sets itself for each run, with the sweep option to use instead.
 AXES = {
@@ -105,8 +129,8 @@ class Args(Tap):
     --batch_size 32; see `python src/train.py -h`) is passed to every train.py run unchanged."""
 
     models: list[str] | None = None  # models to fine-tune (hub names or local folders); default: those of --preset
-    preset: Literal["reference", "modern"] = "reference"  # model list when --models is not given: reference (its 17 models) or modern (ModernBERT-ja, llm-jp-modernbert, DeBERTa-v3-ja)
-    lrs: list[float] = [1e-5, 3e-5, 5e-5]  # learning rates tried for each model (best by mean val F1 in best.csv)
+    preset: Literal["reference", "modern", "llm"] = "reference"  # model list when --models is not given: reference (its 17 models), modern (ModernBERT-ja, llm-jp-modernbert, DeBERTa-v3-ja) or llm (decoder LLMs of 0.5-8 B with LoRA, hppRC/llm-lora-classification's lrs and options unless given)
+    lrs: list[float] | None = None  # learning rates tried for each model (best by mean val F1 in best.csv); default 1e-5 3e-5 5e-5 (--preset llm: 1e-4 3e-4 5e-4 1e-3)
     seeds: list[int] = [42]  # seeds: several give a mean and std per setting in best.csv
     dataset_dirs: list[Path] = [Path("datasets/livedoor")]  # datasets, e.g. datasets/livedoor/folds/{0..9} for 10-fold cross-validation
     output_root: Path = Path("outputs")  # train.py writes runs here; finished runs found here are skipped
@@ -139,6 +163,12 @@ class Args(Tap):
     def process_args(self) -> None:
         if self.models is None:
             self.models = list(PRESETS[self.preset])
+        if self.lrs is None:
+            self.lrs = list(PRESET_LRS.get(self.preset, DEFAULT_LRS))
+        given = {token.split("=", 1)[0] for token in self.extra_args if token.startswith("--")}
+        for option, value in PRESET_TRAIN_OPTIONS.get(self.preset, {}).items():
+            if option not in given:  # forwarded to train.py like the user's own options; the user's win
+                self.extra_args += [option] if value is None else [option, value]
         for name in ("models", "lrs", "seeds", "dataset_dirs"):
             values = getattr(self, name)
             if not values:

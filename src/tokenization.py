@@ -32,7 +32,6 @@ import unicodedata
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from itertools import chain, product
 from multiprocessing import get_context
 from pathlib import Path
@@ -177,7 +176,22 @@ def wants_token_type_ids(config: transformers.PretrainedConfig, text_fields: Seq
     return len(text_fields) == 2 and getattr(config, "type_vocab_size", 1) > 1
 
 
-def texts_of(rows: Sequence[dict], text_fields: Sequence[str]) -> list[list[str]]:
+def text_separator(tokenizer: PreTrainedTokenizerBase, text_fields: Sequence[str]) -> str | None:
+    """How a pair reaches a tokenizer without a separator token (the decoder LLMs: Llama, Qwen, Gemma, Mistral).
+
+    Their own pair encoding runs the texts together with nothing between (Qwen) or repeats the
+    begin-of-text token (Llama 3). They read one text instead, the fields joined by a newline, as in
+    hppRC/llm-lora-classification's best template f"{title}\n{body}"; head truncation keeps its start,
+    so the body is cut and the title kept. None: a pair goes to the tokenizer as a pair
+    ([CLS] title [SEP] body [SEP] and the like).
+    """
+    return "\n" if len(text_fields) == 2 and tokenizer.sep_token is None else None
+
+
+def texts_of(rows: Sequence[dict], text_fields: Sequence[str], separator: str | None = None) -> list[list[str]]:
+    """The texts of each row: its text fields, or with a separator (text_separator) one text, the fields joined by it."""
+    if separator is not None:
+        return [[separator.join(row[name] for name in text_fields)] for row in rows]
     return [[row[name] for name in text_fields] for row in rows]
 
 
@@ -708,26 +722,32 @@ def through_cache(
 def tokenize_splits(
     rows: Mapping[str, list[dict]], files: Mapping[str, Path], tokenizer: PreTrainedTokenizerBase, *, layout: InputLayout,
     token_type_ids: bool, slow: bool, num_workers: int, cache_dir: Path | None, log: Callable[[str], None],
+    separator: str | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, dict[str, int | float]]]:
     """Examples of each split (rows read from FILES) ready for batching, from the cache or tokenised now (then cached),
     and each split's truncation report (printed).
 
-    slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache.
+    slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache;
+    separator: the text fields joined by it into one text (text_separator).
     """
     start = time.perf_counter()
     sizes = {split: len(split_rows) for split, split_rows in rows.items()}
     encoder = choose_encoder(tokenizer, slow)
     log(f"tokenizer: {encoder.description}")
     log(f"input: {layout.describe()}")
+    if separator is not None:
+        log(f"input: {' + '.join(layout.text_fields)} as one text joined by {separator!r} (the tokenizer has no separator token)")
 
     def encode_all() -> dict[str, Encoded]:
         log(f"tokenising in {tokenizer_workers(num_workers)} process(es) ...")
-        return {split: encode_parallel(encoder, texts_of(rows[split], layout.text_fields), layout, token_type_ids, num_workers) for split in rows}
+        return {split: encode_parallel(encoder, texts_of(rows[split], layout.text_fields, separator), layout, token_type_ids, num_workers) for split in rows}
 
     if cache_dir is None:
         encoded, status = encode_all(), "tokenised (cache off)"
     else:
-        key_of = partial(cache_key, tokenizer, encoder, files, layout, token_type_ids, memo_dir=cache_dir)
+        def key_of() -> dict:
+            key = cache_key(tokenizer, encoder, files, layout, token_type_ids, memo_dir=cache_dir)
+            return key if separator is None else {**key, "separator": separator}  # absent for pairs: earlier entries stay valid
         encoded, status = through_cache(cache_dir, key_of, sizes, encode_all, log)
     reports = {}
     for split, part in encoded.items():

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -121,6 +125,10 @@ def test_config_is_written_with_json_types_and_rebuilds_the_args(finished_run: P
     # The runtime options, as train.py declares them; the same split as aggregate.py's list for older runs.
     assert config["runtime_options"] == list(train.RUNTIME_OPTIONS) == list(train.Runtime.__annotations__)
     assert set(config["runtime_options"]) == {*aggregate.OLD_RUNTIME_OPTIONS, "checkpoint", "resume"}
+    # A stable order, whatever the hash seed: the settings as Args declares them, then the runtime options, then derived fields.
+    declared = [*train.Args.__annotations__, *train.Runtime.__annotations__]
+    assert list(config)[: len(declared)] == declared
+    assert list(config)[len(declared) :][:2] == ["runtime_options", "world_size"]
     # Enough to re-run: the arguments parse back to the same values.
     fields = train.Args().parse_args([]).as_dict().keys()
     rebuilt = train.Args().parse_args([]).from_dict({k: config[k] for k in fields})
@@ -340,11 +348,115 @@ def test_model_that_cannot_be_loaded_offline(make_train_args, tmp_path: Path) ->
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("name", ["models/tiny-luke", "./tiny-luke", "/tmp/no-such-model-here", "~/no-such-model-here"])
+def test_a_missing_model_folder_is_named(name: str, make_train_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # models/ exists, models/tiny-luke does not: a mistyped local folder, not a hub name
+    with pytest.raises(InputError) as e:
+        train.main(make_train_args(tmp_path / "outputs", "--model_name", name))
+    assert str(e.value).startswith(f"model folder {name} not found: ")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_hub_names_are_not_taken_for_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert not modeling.looks_like_path("cl-tohoku/bert-base-japanese-v3")  # no cl-tohoku/ folder here
+    assert not modeling.looks_like_path("bert-base-uncased")
+    (tmp_path / "cl-tohoku").mkdir()
+    assert modeling.looks_like_path("cl-tohoku/bert-base-japanese-v3")
+
+
+class RecordWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings(monkeypatch: pytest.MonkeyPatch):
+    """transformers' warnings as a user without .envrc sees them (tests otherwise run with TRANSFORMERS_VERBOSITY=error)."""
+    root = transformers.utils.logging.get_logger()
+    handler = RecordWarnings()
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    root.addHandler(handler)
+    yield handler.messages
+    root.removeHandler(handler)
+
+
+def test_no_load_report_for_the_new_head(tiny_model_dir: Path, dataset_dir: Path, transformers_warnings: list[str], capsys) -> None:
+    label2id = data.load_label2id(dataset_dir)
+    transformers.utils.logging.get_logger("transformers.modeling_utils").warning("a real warning")  # still shows
+    modeling.load_model(str(tiny_model_dir), label2id)
+    assert transformers_warnings == ["a real warning"]  # no LOAD REPORT table
+    assert "new classification head (randomly initialised): classifier.bias, classifier.weight" in capsys.readouterr().out
+
+
+def test_encoder_weights_missing_from_the_checkpoint_are_a_warning(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(key for key in weights if "encoder.layer.0.attention.self.query.weight" in key)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    modeling.load_model(str(broken), data.load_label2id(dataset_dir))
+    out = capsys.readouterr().out
+    assert "warning: 1 encoder weight(s) are not in the checkpoint" in out
+    assert "bert.encoder.layer.0.attention.self.query.weight" in out
+
+
+def test_no_progress_bar_frames_when_the_output_is_not_a_terminal(make_train_args, tmp_path: Path, capfd) -> None:
+    train.main(make_train_args(tmp_path, "--epochs", "2"))
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err and "\x1b[A" not in out + err  # no bar frames in a log file
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["0", "1", "2"]  # a line per evaluation
+
+
+def test_progress_bars_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert utils.show_progress()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not utils.show_progress()
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(0, 10), (3, 10), (10, 10), (12, 10)])
+def test_linear_schedule_is_transformers_one(warmup: int, total: int) -> None:
+    from transformers.optimization import get_linear_schedule_with_warmup
+
+    def lrs(make) -> list[float]:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-5)
+        scheduler = make(optimizer, warmup, total)
+        values = []
+        for _ in range(total + 2):
+            values.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    assert lrs(train.linear_schedule) == pytest.approx(lrs(get_linear_schedule_with_warmup), abs=0, rel=1e-12)
+
+
 def test_diverging_loss_stops_the_run(make_train_args, tmp_path: Path) -> None:
-    with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf) in epoch 1: lower --lr"):
+    with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf) in epoch 1: lower --lr") as e:
         train.main(make_train_args(tmp_path, "--lr", "1e20", "--num_warmup_epochs", "0", "--max_grad_norm", "0"))
+    assert "--dtype" not in str(e.value)  # the run is already fp32 (CPU): no other precision to suggest
     (run_dir,) = tmp_path.glob("*/*/*")
     assert not (run_dir / "test-metrics.json").exists()
+
+
+def test_divergence_hint_suggests_only_what_applies() -> None:
+    assert train.divergence_hint(torch.float32) == "lower --lr (or clip with --max_grad_norm 1.0)"
+    assert train.divergence_hint(torch.bfloat16).endswith("or use --dtype fp32")
+    assert "--dtype bf16" in train.divergence_hint(torch.float16)
 
 
 def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
