@@ -279,7 +279,8 @@ def main(args: Args) -> Path:
     model.to(device)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    unreachable = freeze_unreachable(model, pad(examples["train"][:2]), device)
+    autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    unreachable = freeze_unreachable(model, pad(examples["train"][:2]), device, autocast)
     if unreachable:
         log(f"frozen {len(unreachable)} parameter tensors that this input never reaches (no gradient in a probe step): {', '.join(unreachable)}")
     # `model` keeps clean state-dict keys (no _orig_mod. or module. prefixes) for the best weights.
@@ -293,7 +294,6 @@ def main(args: Args) -> Path:
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     scheduler = linear_schedule(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
-    autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling only for fp16
     log(
         f"effective batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation x {world_size} process(es) = "

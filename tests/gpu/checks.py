@@ -419,12 +419,17 @@ def main() -> int:
     ctx = Context(work=work or Path(os.devnull), log_path=log_path, deadline=start + budget, gpus=gpus, device=device)
     ctx.log(f"tests/gpu/run.sh: python {PYTHON}, work folder {work}, device {device}, {gpus} GPU(s) {reason}")
 
+    # GPU_CHECKS_ONLY="LoRA bf16,fp32": those checks alone (and what they need), e.g. to rerun a failed row.
+    only = {name.strip() for name in os.environ.get("GPU_CHECKS_ONLY", "").split(",") if name.strip()}
+    wanted = only | {need for check in CHECKS if check.name in only for need in check.needs}
     rows, status = [], {}
     for check in CHECKS:
         begun = time.monotonic()
         missing = [need for need in check.needs if status.get(need) != "passed"]
         if gpus == 0:
             result, figure = "skipped", reason
+        elif only and check.name not in wanted:
+            result, figure = "skipped", "not in GPU_CHECKS_ONLY"
         elif missing:
             result, figure = "skipped", f"needs {', '.join(missing)}, which did not pass"
         elif ctx.deadline - begun < 20:
