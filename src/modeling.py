@@ -10,7 +10,8 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -247,20 +248,23 @@ def check_max_seq_len(max_seq_len: int, model: PreTrainedModel, tokenizer: PreTr
     return "positions: rotary or relative (no table)" + (f", trained up to {trained} tokens" if math.isfinite(trained) else "")
 
 
-def freeze_unreachable(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> list[str]:
+def freeze_unreachable(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, autocast: Any = nullcontext) -> list[str]:
     """Freeze the parameters that inputs of this layout never reach; return their names.
 
     A probe forward and backward on one batch: a parameter left without a gradient (LUKE's entity
     embeddings, with text-only input) can never get one in training either. DDP waits for a
     gradient of every trainable parameter, so it would stop at the second step; frozen, they are
     out of DDP and of the optimizer, and no per-step search for unused parameters is needed.
-    Run in eval mode (no dropout), so the random number streams of training stay as they were.
+    Run in eval mode (no dropout), so the random number streams of training stay as they were, and
+    under training's autocast (a LoRA base loaded in bf16 meets its fp32 head only through autocast).
     """
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
     inputs = {key: value.to(device) for key, value in batch.items() if key not in ("labels", "index")}
-    model(**inputs).logits.float().sum().backward()
+    with autocast():
+        logits = model(**inputs).logits
+    logits.float().sum().backward()
     unreachable = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
     for _, p in unreachable:

@@ -153,6 +153,14 @@ def test_lora_bert_trains_saves_its_adapter_and_predict_reproduces_the_run(
     assert_same_predictions(predict_file(run_dir / "model", dataset_dir, tmp_path / "p.jsonl"), run_dir)
 
 
+def test_lora_in_bf16_meets_its_fp32_head_through_autocast(tiny_family_model, dataset_dir: Path, tmp_path: Path) -> None:
+    """The base loads in bf16, the head stays fp32: the probe step too runs under training's autocast
+    (without it: "mat1 and mat2 must have the same dtype", first seen on an H200)."""
+    run_dir = train.main(run_args(tiny_family_model("bert-word"), dataset_dir, tmp_path / "out", *LORA, "--dtype", "bf16"))
+    assert utils.load_json(run_dir / "config.json")["environment"]["dtype"] == "bfloat16"
+    assert (run_dir / "test-metrics.json").is_file()
+
+
 # --- every decoder family: torchrun, save, predict --------------------------------------------
 
 

@@ -314,6 +314,42 @@ def check_lora(ctx: Context) -> str:
     return "; ".join(figures) + " (= predictions)"
 
 
+def check_resume(ctx: Context) -> str:
+    """SIGTERM after epoch 2 (what a Slurm preemption sends), then --resume: the run ends with every epoch once,
+    its metrics equal to its predictions; the figure compares its val losses with the uninterrupted fp32 run's."""
+    output_root = ctx.work / "outputs" / "resume"
+    argv = [PYTHON, "src/train.py", "--model_name", ctx.setup["tiny_bert"], "--dataset_dir", ctx.setup["dataset"], "--output_root",
+            str(output_root), *TINY, "--lr", TINY_LR, "--device", ctx.device, "--dtype", "fp32", "--tokenized_cache_dir", str(ctx.work / "cache")]  # fmt: skip
+    ctx.log(f"$ {shlex.join(argv)}   (SIGTERM after epoch 2)")
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    run_dir, waited = None, time.monotonic() + 150
+    while process.poll() is None and time.monotonic() < waited:
+        logs = list(output_root.glob("*/*/*/log.csv"))
+        if logs and (logs[0].parent / "checkpoint.pt").exists() and len(read_log(logs[0].parent)) >= 3:
+            run_dir = logs[0].parent
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    output, _ = process.communicate(timeout=60)
+    ctx.log(output + f"(exit code {process.returncode})")
+    if run_dir is None:
+        raise CheckFailed(f"no checkpoint after epoch 2 to interrupt (exit code {process.returncode}: {last_line(output)})")
+    if process.returncode != 143:
+        raise CheckFailed(f"SIGTERM ended train.py with exit code {process.returncode}, expected 143: {last_line(output)}")
+    result = ctx.run([PYTHON, "src/train.py", "--resume", str(run_dir), "--device", ctx.device], limit=150)
+    if result.returncode != 0 or "resumed " not in result.stdout:
+        raise CheckFailed(f"--resume: exit code {result.returncode}: {last_line(result.stdout)}")
+    verify_run(run_dir)
+    epochs = [int(row["epoch"]) for row in read_log(run_dir)]
+    if epochs != list(range(len(epochs))) or epochs[-1] != int(TINY[TINY.index("--epochs") + 1]):
+        raise CheckFailed(f"log.csv epochs {epochs}: each epoch once expected")
+    figure = f"exit 143 on SIGTERM, resumed to epoch {epochs[-1]}, {summary(run_dir)}"
+    if "saved_run" in ctx.found:  # the uninterrupted fp32 run of the same setting
+        pairs = zip(read_log(run_dir), read_log(ctx.found["saved_run"]))
+        figure += f"; val loss vs uninterrupted: max |diff| {max(abs(float(a['loss']) - float(b['loss'])) for a, b in pairs):.2e}"
+    return figure
+
+
 def check_model_only(ctx: Context) -> str:
     needs_cuda(ctx)
     result = ctx.run([PYTHON, "tests/gpu/workloads.py", "model_only", str(ctx.work)], limit=180)
@@ -369,6 +405,7 @@ CHECKS = [
     Check("torchrun", check_torchrun),
     Check("sweep.py --jobs", check_sweep),
     Check("LoRA bf16", check_lora),
+    Check("resume after SIGTERM", check_resume),
     Check("bert-base model-only", check_model_only),
     Check("bert-base full loop", check_full_loop, needs=("setup", "bert-base model-only")),
     Check("--compile", check_compile),
@@ -419,12 +456,17 @@ def main() -> int:
     ctx = Context(work=work or Path(os.devnull), log_path=log_path, deadline=start + budget, gpus=gpus, device=device)
     ctx.log(f"tests/gpu/run.sh: python {PYTHON}, work folder {work}, device {device}, {gpus} GPU(s) {reason}")
 
+    # GPU_CHECKS_ONLY="LoRA bf16,fp32": those checks alone (and what they need), e.g. to rerun a failed row.
+    only = {name.strip() for name in os.environ.get("GPU_CHECKS_ONLY", "").split(",") if name.strip()}
+    wanted = only | {need for check in CHECKS if check.name in only for need in check.needs}
     rows, status = [], {}
     for check in CHECKS:
         begun = time.monotonic()
         missing = [need for need in check.needs if status.get(need) != "passed"]
         if gpus == 0:
             result, figure = "skipped", reason
+        elif only and check.name not in wanted:
+            result, figure = "skipped", "not in GPU_CHECKS_ONLY"
         elif missing:
             result, figure = "skipped", f"needs {', '.join(missing)}, which did not pass"
         elif ctx.deadline - begun < 20:
