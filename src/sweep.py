@@ -12,24 +12,30 @@ train.py process (torchrun with --gpus_per_run above 1), so a crash, an out-of-m
 CUDA error ends that run only. Its output goes to its own log file,
 OUTPUT_ROOT/sweep-logs/<YYYY-MM-DD_HH-MM-SS>/<run>.log; the terminal shows one progress line.
 A combination that already has a finished run under OUTPUT_ROOT with the same settings (the
-process count included) is skipped: after an interruption, a failure or a cancelled Slurm array,
-run the same command again. At the end, aggregate.py writes RESULTS_DIR from every finished run
-under OUTPUT_ROOT; if any run failed, the failures are listed with their logs and the exit code is 1.
+process count included) is skipped, and one with an unfinished run that has a checkpoint resumes
+it (train.py --resume): after an interruption, a failure or a cancelled Slurm array, run the same
+command again. Ctrl-C or SIGTERM is passed on to every running train.py, which stops with its
+checkpoint; the sweep waits for them and exits with 130 or 143. At the end, aggregate.py writes
+RESULTS_DIR from every finished run under OUTPUT_ROOT; if any run failed, the failures are listed
+with their logs and the exit code is 1.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +50,9 @@ from tap import Tap
 import aggregate
 import train
 import utils
-from launch import TRAIN_PY, Launch, Slot, SlurmRun, command_line, run_logged, thread_slot, train_command
+from launch import (
+    RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, is_resumable, run_logged, select_options, thread_slot, train_command,
+)  # fmt: skip
 from utils import InputError
 
 # The models of the reference's results table, in its order.
@@ -172,6 +180,8 @@ def check_forwarded(forwarded: Sequence[str], error: Callable[[str], Any]) -> No
         if not token.startswith("--"):
             continue  # a value; train.py's parser below says if it belongs to no option
         option = token.split("=", 1)[0]
+        if option == "--resume":
+            error("--resume is for one run (python src/train.py --resume RUN_DIR); the sweep resumes every unfinished run that has a checkpoint by itself")
         if option[2:] in AXES:
             error(f"{option} is set by the sweep for each run: use {AXES[option[2:]]} instead")
         if option not in options:
@@ -221,6 +231,32 @@ def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
         if isinstance(config, dict):
             found.add(setting_key(config))
     return found
+
+
+def resumable_runs(output_root: Path) -> dict[frozenset[tuple[str, Any]], Path]:
+    """For each setting with an unfinished run that has a checkpoint under `output_root`, its newest such run folder."""
+    found = {}
+    for run_dir in aggregate.find_run_dirs(output_root):  # sorted: a later folder of a setting is a newer run
+        if not is_resumable(run_dir):
+            continue
+        try:
+            config = utils.load_json(run_dir / "config.json")
+        except InputError:
+            continue
+        if isinstance(config, dict):
+            found[setting_key(config)] = run_dir
+    return found
+
+
+def setting_id(config: dict[str, Any]) -> str:
+    """A combination's setting as text (JSON), by which a later sweep recognises the run in Slurm's queue."""
+    return utils.to_json(sorted(setting_key(config), key=lambda item: item[0]))
+
+
+def runtime_options(forwarded: Sequence[str]) -> list[str]:
+    """The forwarded options that do not change what a run learns (--device, --num_workers, ...): what
+    `train.py --resume` takes besides the run folder, whose config.json holds the settings."""
+    return select_options(forwarded, {name for name in train.Args().class_variables if name in IGNORED_FIELDS})
 
 
 def combination_configs(
@@ -323,7 +359,8 @@ def progress_line(total: int, done: int, failed: int, running: int, elapsed: flo
 
 class Progress:
     """The progress line: rewritten in place on a terminal, else printed every `interval` seconds
-    and whenever a run ends. Messages (a run that ended) go on lines of their own above it."""
+    and whenever a run ends. Messages (a run that ended) go on lines of their own above it; the last
+    line states the final counts."""
 
     def __init__(self, total: int, stream: TextIO | None = None, interval: float = 60.0) -> None:
         self.total, self.done, self.failed, self.running = total, 0, 0, 0
@@ -331,6 +368,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.interval = interval
         self.start = self.last = time.monotonic()
+        self.shown: tuple[int, int, int] | None = None  # the counts of the last line printed (off a terminal)
 
     def line(self) -> str:
         return progress_line(self.total, self.done, self.failed, self.running, time.monotonic() - self.start)
@@ -340,18 +378,25 @@ class Progress:
             self.stream.write("\r\033[K" + self.line())
         elif force or time.monotonic() - self.last >= self.interval:
             self.stream.write(self.line() + "\n")
-            self.last = time.monotonic()
+            self.last, self.shown = time.monotonic(), (self.done, self.failed, self.running)
         self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own above the progress line."""
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.show(force=True)
 
     def ended(self, message: str, ok: bool) -> None:
         """A run ended: count it and say so."""
         self.done, self.failed = self.done + ok, self.failed + (not ok)
-        self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
-        self.show(force=True)
+        self.message(message)
 
     def close(self) -> None:
         if self.tty:
+            self.show()
             self.stream.write("\n")
+        elif self.shown != (self.done, self.failed, self.running):
+            self.show(force=True)
         self.stream.flush()
 
 
@@ -377,53 +422,132 @@ class RunsFailed(InputError):
 # --- the local runner ----------------------------------------------------------------------------
 
 
+class Interrupted(Exception):
+    """The sweep was stopped by a signal (Ctrl-C, kill, the end of a job's walltime): one line, exit code 128 + the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class SignalRelay:
+    """While local runs execute: the first SIGINT, SIGTERM or SIGHUP starts no new run and is passed
+    on to every running train.py (each in its own process group, see launch.ProcessGroups), which
+    stops with its checkpoint; a second one kills them."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.reached = 0
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+        if len(self.received) == 1:
+            self.reached = RUNNING.stop(signum)
+        else:
+            RUNNING.kill()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SignalRelay]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
 def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: Progress) -> list[Failure]:
     """Run `launches` at most len(slots) at a time, each in a free slot; return the failures.
 
-    A thread per slot waits on its train.py process; this thread keeps the progress line.
+    A thread per slot waits on its train.py process; this thread keeps the progress line. A signal
+    stops the sweep (see SignalRelay): it waits for the running runs, then raises Interrupted.
     """
     free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
     for slot in slots:
         free.put(slot)
     lock = threading.Lock()
     started: dict[int, float] = {}
+    RUNNING.reset()
 
-    def work(index: int) -> int:
+    def work(index: int) -> int | None:
+        """The run's exit code, or None if the sweep was stopping before it started."""
         slot = free.get()  # never blocks: as many threads as slots
-        with lock:
-            started[index] = time.monotonic()
-            progress.running += 1
         try:
-            return run(launches[index], slot)
-        finally:
+            if RUNNING.stop_signal is not None:
+                return None
             with lock:
-                progress.running -= 1
+                started[index] = time.monotonic()
+                progress.running += 1
+            try:
+                return run(launches[index], slot)
+            except Stopping:
+                return None
+            finally:
+                with lock:
+                    progress.running -= 1
+        finally:
             free.put(slot)
 
     failures: list[Failure] = []
+    stopped, told = 0, 0
     pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="sweep-run")
-    try:
-        futures: dict[Future[int], int] = {pool.submit(work, i): i for i in range(len(launches))}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=1.0 if progress.tty else 5.0, return_when=FIRST_COMPLETED)
-            for future in sorted(finished, key=futures.__getitem__):
-                index = futures[future]
-                launch, code = launches[index], future.result()
-                seconds = time.monotonic() - started[index]
-                status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
-                progress.ended(f"[{index + 1}/{len(launches)}] {status} in {format_seconds(seconds)}: {launch.title}  (log: {launch.log_path})", code == 0)
-                if code != 0:
-                    failures.append(Failure(launch, describe_exit(code)))
-            progress.show()
-    finally:
-        # Ctrl-C or an error: start nothing more (the running train.py processes got the same Ctrl-C).
-        pool.shutdown(wait=True, cancel_futures=True)
-        progress.close()
+    with SignalRelay().installed() as relay:
+        try:
+            futures: dict[Future[int | None], int] = {pool.submit(work, i): i for i in range(len(launches))}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                if len(relay.received) > told:
+                    told = len(relay.received)
+                    name = signal_name(relay.received[-1])
+                    progress.message(
+                        f"sweep: got {name}: passed it on to the {relay.reached} running train.py run(s), which stop and keep their "
+                        f"checkpoints; waiting for them (a second signal kills them)"
+                        if told == 1 else f"sweep: got {name} again: killed the running train.py run(s)"
+                    )
+                for future in sorted(finished, key=futures.__getitem__):
+                    index = futures[future]
+                    launch, code = launches[index], future.result()
+                    if code is None:
+                        continue  # never started
+                    seconds = format_seconds(time.monotonic() - started[index])
+                    if relay.received and code != 0:
+                        stopped += 1
+                        progress.message(f"[{index + 1}/{len(launches)}] stopped ({describe_exit(code)}) after {seconds}: {launch.title}  (log: {launch.log_path})")
+                        continue
+                    status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
+                    progress.ended(f"[{index + 1}/{len(launches)}] {status} in {seconds}: {launch.title}  (log: {launch.log_path})", code == 0)
+                    if code != 0:
+                        failures.append(Failure(launch, describe_exit(code)))
+                progress.show()
+        finally:
+            # An error here: start nothing more, and wait for the running runs.
+            pool.shutdown(wait=True, cancel_futures=True)
+            progress.close()
+    if relay.received:
+        not_started = len(launches) - len(started)
+        raise Interrupted(
+            relay.received[0],
+            f"stopped by {signal_name(relay.received[0])}: {stopped} run(s) stopped, {not_started} not started, no train.py left running; "
+            f"run the same command again to continue (a stopped run resumes from its last checkpoint)",
+        )
     return failures
 
 
 # --- the Slurm launcher (submitit) ---------------------------------------------------------------
+
+
+SIGNAL_DELAY_S = 90  # submitit's USR2 comes this long before a task's time limit (sbatch --signal USR2@90)
 
 
 def slurm_parameters(args: Args, gpus: bool, src_dir: Path = TRAIN_PY.parent) -> dict[str, Any]:
@@ -434,10 +558,15 @@ def slurm_parameters(args: Args, gpus: bool, src_dir: Path = TRAIN_PY.parent) ->
         "array_parallelism": args.slurm_array_parallelism,
         "ntasks_per_node": 1,
         "stderr_to_stdout": True,
+        "signal_delay_s": SIGNAL_DELAY_S,
         # The task unpickles SlurmRun, whose module imports train and utils from src/.
         "setup": [f"export PYTHONPATH={shlex.quote(str(src_dir))}${{PYTHONPATH:+:$PYTHONPATH}}"],
-        "additional_parameters": sbatch_options(args.slurm_option),
+        # Requeueable even where the cluster's default is not (JobRequeue=0): a preempted task, or one
+        # on a failed node, runs again and resumes its run.
+        "additional_parameters": {"requeue": True, **sbatch_options(args.slurm_option)},
     }
+    if "no-requeue" in parameters["additional_parameters"]:
+        del parameters["additional_parameters"]["requeue"]
     if args.slurm_partition:
         parameters["partition"] = args.slurm_partition
     if args.slurm_cpus_per_run:
@@ -447,9 +576,49 @@ def slurm_parameters(args: Args, gpus: bool, src_dir: Path = TRAIN_PY.parent) ->
     return parameters
 
 
+def require_slurm() -> None:
+    missing = [command for command in ("sbatch", "squeue") if shutil.which(command) is None]
+    if missing:
+        raise InputError(
+            f"--launcher slurm: no Slurm here ({' and '.join(missing)} not on PATH); run the sweep on a login node of "
+            f"the cluster, or without --launcher slurm to run it on this machine"
+        )
+
+
+# sbatch's refusals, by what they mention, and what usually fixes them.
+SBATCH_HINTS = [
+    (("gres", "generic resource"), "if the partition has no GPUs, pass --device cpu (the runs then ask Slurm for none); else choose a GPU partition with --slurm_partition (`sinfo -o '%P %G'` lists them)"),
+    (("account", "qos", "association"), "check --slurm_option account=... and qos=... (`sacctmgr show assoc user=$USER` lists yours)"),
+    (("partition",), "`sinfo -s` lists the partitions: pass one with --slurm_partition"),
+    (("time limit", "time specification"), "lower --slurm_time (minutes) to the partition's limit (`sinfo -o '%P %l'`)"),
+]
+
+
+def sbatch_error(stderr: str) -> str:
+    """sbatch's refusal in one line, with the likely fix."""
+    errors = [line.split("error:", 1)[1].strip().removeprefix("Batch job submission failed: ") for line in stderr.splitlines() if "error:" in line]
+    said = errors[0] if errors else (stderr.strip().splitlines() or ["no message"])[-1].strip()
+    lowered = " ".join(errors).lower() or said.lower()
+    hint = next((hint for words, hint in SBATCH_HINTS if any(word in lowered for word in words)), "check --slurm_partition and --slurm_option against `man sbatch`")
+    return f"sbatch refused the job: {said}; {hint}"
+
+
+def submit(args: Args, launches: list[Launch], folder: Path, gpus: bool) -> list[submitit.Job]:
+    """Submit the runs as one Slurm job array (submitit's map_array; a single run is a plain job)."""
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)  # 0: a time-out is not requeued, a preemption is
+    executor.update_parameters(**slurm_parameters(args, gpus))
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # submitit prints sbatch's refusal; it is said once, below
+            return executor.map_array(SlurmRun(SIGNAL_DELAY_S), launches)
+    except submitit.core.utils.FailedJobError as e:
+        raise InputError(sbatch_error(str(e) or said.getvalue())) from None
+
+
 ACTIVE_SLURM_STATES = frozenset(
     ["PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED"]
 )
+WAITING_AGAIN_STATES = frozenset(["PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"])
 
 
 def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
@@ -464,35 +633,87 @@ def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
     return dict(line.split(maxsplit=1) for line in result.stdout.splitlines() if " " in line)
 
 
+@dataclass
+class Queued:
+    """A run that an earlier sweep submitted into the same OUTPUT_ROOT and that is still in Slurm's queue."""
+
+    job: submitit.Job
+    launch: Launch
+
+
+def queued_runs(output_root: Path) -> dict[str, Queued]:
+    """The runs of earlier sweeps into `output_root` still in Slurm's queue, by setting (Launch.setting).
+
+    squeue names each job's batch script, which submitit keeps in the sweep's log folder
+    (OUTPUT_ROOT/sweep-logs/<date_time>/slurm/); the task's pickled Launch there says which run it is.
+    """
+    result = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T %o"], capture_output=True, text=True, check=False)
+    logs = (output_root / "sweep-logs").resolve()
+    found: dict[str, Queued] = {}
+    for line in result.stdout.splitlines():
+        parts = line.split(maxsplit=2)
+        if len(parts) < 3 or parts[1] not in ACTIVE_SLURM_STATES:
+            continue
+        job_id, script = parts[0], Path(parts[2])
+        if script.parent.parent.parent != logs:
+            continue
+        job: submitit.Job = submitit.SlurmJob(folder=script.parent, job_id=job_id)
+        try:
+            delayed = pickle_load(job.paths.submitted_pickle)
+            launch = delayed.args[0]
+        except Exception:  # noqa: BLE001 (not a task of a sweep, or a file of another version)
+            continue
+        if isinstance(launch, Launch) and launch.setting:
+            found[launch.setting] = Queued(job, launch)
+    return found
+
+
 def task_outcome(job: submitit.Job, launch: Launch) -> Failure | None:
     """The outcome of a task that left the queue: None when its run succeeded, else why it failed."""
     if not job.paths.result_pickle.exists():
         return Failure(launch, f"stopped by Slurm before it ended (cancelled, or the node failed); Slurm log: {job.paths.stdout}")
     outcome, value = pickle_load(job.paths.result_pickle)
-    if outcome != "success":  # e.g. the time limit: submitit records the reason
+    if outcome != "success":  # e.g. the time limit: the last line of the error says why
         reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
+        reason = re.sub(r"^[\w.]+(Error|Stopped): ", "", reason)  # launch.TaskStopped: stopped by the Slurm time limit
         return Failure(launch, f"{reason}; Slurm log: {job.paths.stdout}")
     return None if value == 0 else Failure(launch, describe_exit(value))
 
 
 def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progress, poll_s: float = 5.0) -> list[Failure]:
-    """Wait until every task of the array has left Slurm's queue; return the failures."""
+    """Wait until every task has left Slurm's queue; return the failures.
+
+    A task that is pending, or requeued after a preemption, is waited for: only its result file or
+    its leaving the queue ends it.
+    """
     pending = set(range(len(jobs)))
+    ran: set[int] = set()  # tasks seen running: one seen waiting again was requeued
     failures: list[Failure] = []
     try:
         while pending:
             states = queue_states([jobs[i].job_id for i in pending])  # before the result files: a task writes its result, then leaves
             if states is not None:
+                ended, requeued = [], []
                 for index in sorted(pending):
-                    if not jobs[index].paths.result_pickle.exists() and states.get(jobs[index].job_id) in ACTIVE_SLURM_STATES:
+                    state = states.get(jobs[index].job_id)
+                    if not jobs[index].paths.result_pickle.exists() and state in ACTIVE_SLURM_STATES:
+                        if state == "RUNNING":
+                            ran.add(index)
+                        elif index in ran and state in WAITING_AGAIN_STATES:
+                            ran.discard(index)
+                            requeued.append(index)
                         continue
                     pending.discard(index)
+                    ended.append(index)
+                progress.running = sum(states.get(jobs[i].job_id) == "RUNNING" for i in pending)
+                for index in requeued:
+                    progress.message(f"[{index + 1}/{len(jobs)}] requeued by Slurm (preempted, or scontrol requeue); it resumes from its checkpoint when it runs again: {launches[index].title}")
+                for index in ended:
                     failure = task_outcome(jobs[index], launches[index])
                     status = "done" if failure is None else f"FAILED ({failure.reason})"
                     progress.ended(f"[{index + 1}/{len(jobs)}] {status}: {launches[index].title}  (log: {launches[index].log_path})", failure is None)
                     if failure is not None:
                         failures.append(failure)
-                progress.running = sum(states.get(jobs[i].job_id) == "RUNNING" for i in pending)
             progress.show()
             if pending:
                 time.sleep(poll_s)
@@ -501,24 +722,51 @@ def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progr
     return failures
 
 
-def run_slurm(args: Args, launches: list[Launch], folder: Path, gpus: bool, progress: Progress) -> list[Failure] | None:
-    """Submit the runs as one Slurm job array (submitit's map_array) and wait for it; return the failures
-    (None with --no_wait). The sbatch script and the Slurm logs go to `folder`."""
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)  # 0: a time-out is not requeued, a preemption is
-    executor.update_parameters(**slurm_parameters(args, gpus))
-    print(f"sweep: submitting {len(launches)} runs as a Slurm job array ({args.gpus_per_run if gpus else 0} GPU(s) per run)", flush=True)
-    jobs = executor.map_array(SlurmRun(), launches)
-    array_job_id = jobs[0].job_id.split("_")[0]
-    print(f"sweep: Slurm job array {array_job_id} ({len(jobs)} tasks, at most {args.slurm_array_parallelism} at once)", flush=True)
+def base_job_ids(jobs: list[submitit.Job]) -> list[str]:
+    return sorted({job.job_id.split("_")[0] for job in jobs}, key=int)
+
+
+def describe_jobs(jobs: list[submitit.Job]) -> str:
+    """"Slurm job 12" (a single run is a plain job), "Slurm job array 12", or "Slurm jobs 12, 15"."""
+    ids = base_job_ids(jobs)
+    if len(ids) > 1:
+        return f"Slurm jobs {', '.join(ids)}"
+    return f"Slurm job array {ids[0]}" if "_" in jobs[0].job_id else f"Slurm job {ids[0]}"
+
+
+def run_slurm(args: Args, launches: list[Launch], queued: list[Queued], folder: Path, gpus: bool, progress: Progress) -> list[Failure] | None:
+    """Submit the runs as one Slurm job array and wait for it, and for the `queued` runs of earlier
+    sweeps; return the failures (None with --no_wait). The sbatch script and the Slurm logs go to `folder`."""
+    jobs, waited = [q.job for q in queued], [q.launch for q in queued]
+    if queued:
+        print(f"sweep: {len(queued)} run(s) still in Slurm's queue from an earlier sweep ({describe_jobs(jobs)}): waiting for them, not submitting them again", flush=True)
+    if launches:
+        print(f"sweep: submitting {len(launches)} run(s) ({args.gpus_per_run if gpus else 0} GPU(s) per run)", flush=True)
+        submitted = submit(args, launches, folder, gpus)
+        what = describe_jobs(submitted)
+        if len(submitted) == 1:
+            print(f"sweep: {what} (one run: a plain job, not an array)", flush=True)
+        else:
+            print(f"sweep: {what} ({len(submitted)} tasks, at most {args.slurm_array_parallelism} at once)", flush=True)
+        jobs, waited = jobs + submitted, waited + launches
+    every = describe_jobs(jobs)
     if args.no_wait:
         print(
-            f"sweep: not waiting (--no_wait). Follow it with `squeue -j {array_job_id}`; once it has left the queue, run this "
-            f"same command again: it submits only what did not finish, then aggregates (or run "
-            f"`python src/aggregate.py --input_dir {args.output_root} --output_dir {args.results_dir}`)",
+            f"sweep: not waiting (--no_wait). Follow it with `squeue -j {','.join(base_job_ids(jobs))}`; run this "
+            f"same command again to wait for it and aggregate (it submits only what is neither finished nor queued), or run "
+            f"`python src/aggregate.py --input_dir {args.output_root} --output_dir {args.results_dir}` once it has left the queue",
             flush=True,
         )
         return None
-    return wait_slurm(jobs, launches, progress)
+    try:
+        return wait_slurm(jobs, waited, progress)
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        raise Interrupted(
+            signum,
+            f"stopped by {signal_name(signum)} while waiting; {every} keeps running: run this same command again to wait for it "
+            f"and aggregate, or `scancel` it",
+        ) from None
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -537,54 +785,103 @@ def aggregate_and_report(args: Args, failures: list[Failure], total: int) -> Non
     raise RunsFailed(failures, total)
 
 
+def oversubscription(jobs: int, nproc: int, cores: int) -> str | None:
+    """A warning when more train.py processes run at once on CPUs than there are cores, saying what each gets."""
+    processes = jobs * nproc
+    if processes <= cores:
+        return None
+    return (
+        f"sweep: warning: --jobs {jobs} x {nproc} process(es) = {processes} train.py processes on {cores} CPU core(s): each "
+        f"gets 1 thread and about {cores / processes:.2g} of a core, so every run is slower; --jobs {max(1, cores // nproc)} "
+        f"gives each process a core of its own"
+    )
+
+
 def main(args: Args, run: Runner = run_logged) -> None:
-    """Run (or submit) the combinations not finished yet, then aggregate."""
+    """Run (or submit) the combinations not finished yet, resuming those with a checkpoint, then aggregate."""
     missing = [d for d in args.dataset_dirs if not d.is_dir()]
     if missing:
         raise InputError(
             f"dataset folder(s) not found: {', '.join(map(str, missing))}; run `poetry run python src/prepare.py` "
             f"first (with --num_folds 10 for datasets/livedoor/folds/0..9)"
         )
+    slurm = args.launcher == "slurm" and not args.dry_run
+    if slurm:
+        require_slurm()
 
     # What is done: every combination whose setting (process count included) has a finished run.
     combinations = [Combination(*c) for c in itertools.product(args.models, args.lrs, args.seeds, args.dataset_dirs)]
     done = finished_settings(args.output_root)
     configs = combination_configs(combinations, args.output_root, args.extra_args, world_size=args.gpus_per_run)
-    todo = [c for c, config in zip(combinations, configs) if setting_key(config) not in done]
-    shape = f"{len(args.models)} models x {len(args.lrs)} lrs x {len(args.seeds)} seeds x {len(args.dataset_dirs)} datasets"
-    print(
-        f"sweep: {len(combinations)} combinations ({shape}), {len(combinations) - len(todo)} already done, "
-        f"{len(todo)} to run; outputs in {args.output_root}",
-        flush=True,
-    )
+    todo = [(c, config) for c, config in zip(combinations, configs) if setting_key(config) not in done]
+    # What is on its way: a run that an earlier sweep submitted and that is still in Slurm's queue.
+    in_queue = queued_runs(args.output_root) if slurm else {}
+    queued = [in_queue[setting_id(config)] for _, config in todo if setting_id(config) in in_queue]
+    todo = [(c, config) for c, config in todo if setting_id(config) not in in_queue]
 
-    # Each run's output goes to its own log file, in a folder per sweep invocation.
+    # Each run's output goes to its own log file, in a folder per sweep invocation. A combination with
+    # an unfinished run that has a checkpoint resumes it: its settings are in its config.json.
     log_dir = args.output_root / "sweep-logs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    launches = [
-        Launch(str(c), c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i))
-        for i, c in enumerate(todo, start=1)
-    ]
+    resumable = resumable_runs(args.output_root)
+    runtime = runtime_options(args.extra_args)
+    launches = []
+    for i, (c, config) in enumerate(todo, start=1):
+        resume = resumable.get(setting_key(config))
+        argv = ["--resume", str(resume), *runtime] if resume else c.train_argv(args.output_root, args.extra_args)
+        title = f"{c} (resuming {resume})" if resume else str(c)
+        launches.append(Launch(title, argv, args.gpus_per_run, log_dir / c.log_name(i), runtime_argv=runtime, setting=setting_id(config)))
+
+    shape = f"{len(args.models)} models x {len(args.lrs)} lrs x {len(args.seeds)} seeds x {len(args.dataset_dirs)} datasets"
+    resumes = sum(launch.argv[0] == "--resume" for launch in launches)
+    print(
+        f"sweep: {len(combinations)} combinations ({shape}), {len(combinations) - len(todo) - len(queued)} already done, "
+        f"{len(todo)} to run" + (f" ({resumes} of them resume a run from its checkpoint)" if resumes else "")
+        + (f", {len(queued)} still in Slurm's queue" if queued else "") + f"; outputs in {args.output_root}",
+        flush=True,
+    )  # fmt: skip
     if args.dry_run:
         for i, launch in enumerate(launches, start=1):
             print(f"[{i}/{len(launches)}] {launch.title}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
         return
 
     device = configs[0]["device"]
-    progress = Progress(len(launches))
-    if not launches:
+    progress = Progress(len(launches) + len(queued))
+    if not launches and not queued:
         failures: list[Failure] | None = []
-    elif args.launcher == "slurm":
+    elif slurm:
         # The submitting machine may have no GPU: --device says what the runs need.
-        failures = run_slurm(args, launches, log_dir / "slurm", wants_gpus(device), progress)
+        failures = run_slurm(args, launches, queued, log_dir / "slurm", wants_gpus(device), progress)
         if failures is None:  # --no_wait
             return
     else:
-        slots = local_slots(args, device, torch.cuda.device_count(), utils.available_cpus(), os.environ)
+        cores = utils.available_cpus()
+        slots = local_slots(args, device, torch.cuda.device_count(), cores, os.environ)
         print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
+        if "CUDA_VISIBLE_DEVICES" not in slots[0].env and (warning := oversubscription(args.jobs, args.gpus_per_run, cores)):
+            print(warning, file=sys.stderr, flush=True)
         failures = run_local(launches, slots, run, progress)
 
-    aggregate_and_report(args, failures, len(launches))
+    aggregate_and_report(args, failures, len(launches) + len(queued))
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """sweep.py's command line. Stopped by a signal, it ends in one line with exit code 128 + the
+    signal (130 for Ctrl-C, 143 for SIGTERM), never a traceback; while runs execute here, see SignalRelay."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum, f"stopped by {signal_name(signum)}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)  # SIGINT raises KeyboardInterrupt already
+    try:
+        utils.run_cli(main, Args().parse_args(argv))
+    except KeyboardInterrupt:
+        sys.stderr.write(f"sweep: stopped by {signal_name(signal.SIGINT)}\n")
+        sys.exit(128 + signal.SIGINT)
+    except Interrupted as e:
+        sys.stderr.write(f"sweep: {e}\n")
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, Args().parse_args())
+    cli()

@@ -6,14 +6,20 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+import launch
 import sweep
 import train
 import utils
@@ -359,8 +365,20 @@ def test_a_fixed_cuda_device_is_refused_with_gpu_slots() -> None:
         sweep.local_slots(args, "cuda:1", 2, cores=2, environ={})
 
 
-def test_a_forwarded_num_workers_wins() -> None:
-    assert sweep.thread_slot(cores=8, runs_at_once=1, nproc=1, forwarded=["--num_workers", "3"]).train_argv == []
+@pytest.mark.parametrize("forwarded", [["--num_workers", "3"], ["--num_workers=3"]])
+def test_a_forwarded_num_workers_wins(forwarded: list[str]) -> None:
+    assert sweep.thread_slot(cores=8, runs_at_once=1, nproc=1, forwarded=forwarded).train_argv == []
+    args = sweep.Args().parse_args(["--jobs", "2", *forwarded])
+    assert [slot.train_argv for slot in sweep.local_slots(args, "cpu", 0, cores=8, environ={})] == [[], []]
+    assert sweep.thread_slot(cores=8, runs_at_once=1, nproc=1, forwarded=["--num_workers_x=3"]).train_argv == ["--num_workers", "8"]
+
+
+def test_runtime_options_are_found_in_either_form() -> None:
+    """What a resumption passes on: the runtime options, written --flag value or --flag=value, with their values."""
+    forwarded = ["--epochs", "3", "--device=cpu", "--num_workers", "2", "--save_model", "--batch_size=8", "--eval_batch_size", "64"]
+    assert sweep.runtime_options(forwarded) == ["--device=cpu", "--num_workers", "2", "--save_model", "--eval_batch_size", "64"]
+    assert launch.option_groups(["--a", "1", "2", "--b=3", "--c"]) == [["--a", "1", "2"], ["--b=3"], ["--c"]]
+    assert launch.has_option(["--epochs=3"], "--epochs") and not launch.has_option(["--epochs_x", "3"], "--epochs")
 
 
 def test_several_gpus_per_run_are_launched_with_torchrun(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
@@ -395,6 +413,20 @@ def test_progress_is_rewritten_in_place_on_a_terminal() -> None:
     assert text.endswith("\n") and text.count("\n") == 2  # one line per ended run, then the final line
 
 
+def test_the_last_progress_line_states_the_final_counts() -> None:
+    """Off a terminal, the line printed when the last run ended may say 1 running: close() says how it ended."""
+    stream = io.StringIO()
+    progress = sweep.Progress(1, stream=stream, interval=3600)
+    progress.running = 1
+    progress.ended("[1/1] done: x", ok=True)
+    assert stream.getvalue().splitlines()[-1].startswith("sweep: 1/1 done, 1 running, 0 failed, ")
+    progress.running = 0
+    progress.close()
+    assert stream.getvalue().splitlines()[-1].startswith("sweep: 1/1 done, 0 running, 0 failed, ")
+    progress.close()  # nothing new to say: no second line
+    assert len(stream.getvalue().splitlines()) == 3
+
+
 def test_progress_prints_plain_periodic_lines_elsewhere() -> None:
     stream = io.StringIO()
     progress = sweep.Progress(2, stream=stream, interval=3600)
@@ -419,9 +451,13 @@ def test_slurm_options_become_submitit_parameters() -> None:
     assert {k: parameters[k] for k in ("partition", "time", "cpus_per_task", "array_parallelism", "gpus_per_node")} == {
         "partition": "gpu", "time": 90, "cpus_per_task": 8, "array_parallelism": 4, "gpus_per_node": 2,
     }  # fmt: skip
-    assert parameters["additional_parameters"] == {"account": "abc", "qos": "high", "constraint": "a100", "exclusive": True}
+    # Requeueable (a preempted task runs again and resumes), whatever the cluster's default.
+    assert parameters["additional_parameters"] == {"requeue": True, "account": "abc", "qos": "high", "constraint": "a100", "exclusive": True}
+    assert parameters["signal_delay_s"] == sweep.SIGNAL_DELAY_S == 90
     assert parameters["setup"] == ["export PYTHONPATH=/repo/src${PYTHONPATH:+:$PYTHONPATH}"]
     assert "gpus_per_node" not in sweep.slurm_parameters(args, gpus=False)  # --device cpu asks Slurm for no GPU
+    opted_out = sweep.Args().parse_args(["--launcher", "slurm", "--slurm_option", "no-requeue"])
+    assert sweep.slurm_parameters(opted_out, gpus=False)["additional_parameters"] == {"no-requeue": True}
 
 
 @pytest.mark.parametrize(
@@ -448,3 +484,176 @@ def test_config_records_the_slurm_job_of_a_run() -> None:
     assert train.slurm_ids({"SLURM_JOB_ID": "12"}) == {"job_id": "12"}
     task = {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}
     assert train.slurm_ids(task) == {"job_id": "15", "array_job_id": "12", "array_task_id": "3"}
+
+
+def test_more_processes_than_cores_are_warned_about(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    assert sweep.oversubscription(jobs=2, nproc=1, cores=2) is None
+    assert sweep.oversubscription(jobs=4, nproc=1, cores=2) == (
+        "sweep: warning: --jobs 4 x 1 process(es) = 4 train.py processes on 2 CPU core(s): each gets 1 thread and about "
+        "0.5 of a core, so every run is slower; --jobs 2 gives each process a core of its own"
+    )
+    assert "--jobs 1 gives" in sweep.oversubscription(jobs=2, nproc=2, cores=3)
+    # What the sweep prints before the runs: the share of each, then the warning.
+    monkeypatch.setattr(sweep.utils, "available_cpus", lambda: 1)
+    monkeypatch.setattr(sweep, "aggregate_and_report", lambda *a: None)
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--jobs", "2", "--device", "cpu"), run=lambda launch, slot: 0)
+    captured = capsys.readouterr()
+    assert "sweep: 2 run(s) at once (1 thread(s) per process); logs in " in captured.out
+    assert captured.err == sweep.oversubscription(jobs=2, nproc=1, cores=1) + "\n"
+
+
+# --- resuming unfinished runs ------------------------------------------------------------------------
+
+
+def make_unfinished(run: Path, copy: Path, checkpoint: bool) -> Path:
+    """A copy of a finished run as a run stopped before its end leaves it, with or without its checkpoint."""
+    shutil.copytree(run, copy)
+    (copy / "test-metrics.json").unlink()
+    if checkpoint:
+        (copy / "checkpoint.pt").write_bytes(b"a checkpoint")
+    return copy
+
+
+def test_an_unfinished_run_with_a_checkpoint_is_resumed(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    root, _ = swept
+    runs = finished_runs(root / "outputs")
+    configs = {run: utils.load_json(run / "config.json") for run in runs}
+    seed_1 = [run for run in runs if configs[run]["seed"] == 1]
+    resumable = make_unfinished(seed_1[0], tmp_path / "outputs" / seed_1[0].relative_to(root / "outputs"), checkpoint=True)
+    make_unfinished(seed_1[1], tmp_path / "outputs" / seed_1[1].relative_to(root / "outputs"), checkpoint=False)
+    lr = configs[seed_1[0]]["lr"]
+
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--num_workers=1", "--dry_run"), run=never)
+    out = capsys.readouterr().out
+    assert plan(out) == (2, 0, 2)
+    assert "2 to run (1 of them resume a run from its checkpoint)" in out
+    # Said in the run's title and command: only the runtime options go with --resume (the settings are in its config.json).
+    assert f"] {tiny_model_dir} lr={lr:g} seed=1 dataset={dataset_dir} (resuming {resumable})\n" in out
+    assert f"train.py --resume {resumable} --num_workers=1 --device cpu --tokenized_cache off\n" in out
+    assert out.count("--resume") == 1  # the run without a checkpoint starts afresh
+    # A setting that differs (here --epochs) does not resume it.
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--epochs", "2", "--dry_run"), run=never)
+    assert "--resume" not in capsys.readouterr().out
+
+
+def test_resume_is_not_an_option_of_the_sweep(capsys) -> None:
+    with pytest.raises(SystemExit):
+        sweep.Args().parse_args(["--resume=outputs/x"])
+    assert ": error: --resume is for one run (python src/train.py --resume RUN_DIR); the sweep resumes" in capsys.readouterr().err
+
+
+# --- Slurm without Slurm, and sbatch's refusals ---------------------------------------------------------
+
+
+def test_launcher_slurm_without_slurm_is_a_one_line_error(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no squeue
+    with pytest.raises(InputError) as e:
+        sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--launcher", "slurm"), run=never)
+    assert str(e.value) == (
+        "--launcher slurm: no Slurm here (sbatch and squeue not on PATH); run the sweep on a login node of the cluster, "
+        "or without --launcher slurm to run it on this machine"
+    )
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--launcher", "slurm", "--dry_run"), run=never)  # a plan needs no Slurm
+
+
+@pytest.mark.parametrize(
+    ("stderr", "message"),
+    [
+        (
+            "sbatch: error: Invalid generic resource (gres) specification",
+            "sbatch refused the job: Invalid generic resource (gres) specification; if the partition has no GPUs, pass --device cpu",
+        ),
+        (
+            "sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: Invalid partition name specified",
+            "sbatch refused the job: invalid partition specified: gpu; `sinfo -s` lists the partitions: pass one with --slurm_partition",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+            "sbatch refused the job: Invalid account or account/partition combination specified; check --slurm_option account=",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+            "; lower --slurm_time (minutes) to the partition's limit",
+        ),
+        ("sbatch: error: Something new", "sbatch refused the job: Something new; check --slurm_partition and --slurm_option"),
+    ],
+)
+def test_sbatch_refusals_are_one_line_with_the_likely_fix(stderr: str, message: str) -> None:
+    said = sweep.sbatch_error(stderr)
+    assert "\n" not in said and message in said
+
+
+# --- signals: Ctrl-C and SIGTERM reach every run ----------------------------------------------------------
+
+# A stand-in for train.py that stops as train.py does on SIGINT (130) or SIGTERM (143), saying which.
+FAKE_RUN = """
+import pathlib, signal, sys, time
+said = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    with said.open("a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    sys.exit(128 + signum)
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, stop)
+said.with_suffix(".started").touch()
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_is_passed_on_to_every_run_and_stops_the_sweep(signum: int, tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """2 runs at once, each a real process in its own process group, and a third waiting for a slot."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN, encoding="utf-8")
+    pids = []
+
+    def fake_train(launch_: sweep.Launch, slot: sweep.Slot) -> int:
+        said = tmp_path / f"{launch_.log_path.stem}.said"
+        with sweep.RUNNING.started([sys.executable, str(script), str(said)]) as process:
+            pids.append(process.pid)
+            return process.wait()
+
+    def send_when_both_run() -> None:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*.started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)
+
+    sender = threading.Thread(target=send_when_both_run)
+    sender.start()
+    args = sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--lrs", "1e-3", "2e-3", "3e-3", "--seeds", "1", "--jobs", "2", "--device", "cpu")
+    with pytest.raises(sweep.Interrupted) as e:
+        sweep.main(args, run=fake_train)
+    sender.join()
+    name = signal.Signals(signum).name
+    assert e.value.signum == signum
+    assert str(e.value).startswith(f"stopped by {name}{' (Ctrl-C)' if signum == signal.SIGINT else ''}: 2 run(s) stopped, 1 not started, no train.py left running; run the same command again")
+    # Each run got the signal once, from the sweep (its own process group: not from the terminal), and is gone.
+    assert sorted(p.read_text() for p in tmp_path.glob("*.said")) == [f"{name}\n"] * 2
+    assert len(pids) == 2 and not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert all(os.getpgid(os.getpid()) != pid for pid in pids)
+    out = capsys.readouterr().out
+    assert f"running train.py run(s), which stop and keep their checkpoints; waiting for them" in out
+    assert out.count(f"] stopped (exit code {128 + signum}) after ") == 2
+    assert signal.getsignal(signal.SIGTERM) is not sweep.SignalRelay.handle  # the handlers are restored
+
+
+def test_the_command_line_says_how_it_was_stopped_in_one_line(monkeypatch, capsys) -> None:
+    def stopped(args: sweep.Args, run: object = None) -> None:
+        raise sweep.Interrupted(signal.SIGTERM, "stopped by SIGTERM: 1 run(s) stopped")
+
+    monkeypatch.setattr(sweep, "main", stopped)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(SystemExit) as e:
+            sweep.cli([])
+        assert e.value.code == 143
+        assert capsys.readouterr().err == "sweep: stopped by SIGTERM: 1 run(s) stopped\n"
+        monkeypatch.setattr(sweep, "main", lambda args, run=None: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(SystemExit) as e:
+            sweep.cli([])
+        assert e.value.code == 130
+        assert capsys.readouterr().err == "sweep: stopped by SIGINT (Ctrl-C)\n"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
