@@ -34,30 +34,29 @@ SCORES = ("accuracy", "precision", "recall", "f1")  # the metrics reported with 
 
 # Runs that differ only in these are repetitions of one setting: their scores are averaged.
 REPETITION_FIELDS = ("seed", "dataset_dir")
-# Fields of config.json that say how or where a run was executed, or what it found, not what it learned.
-# Every other scalar field is part of the setting, so an unknown new argument splits settings
-# instead of silently averaging different experiments together.
-NOT_SETTING_FIELDS = frozenset(
-    [
-        *REPETITION_FIELDS,
-        # execution: same training, different machine, speed or bookkeeping
-        "output_root",
-        "run_dir",
-        "device",
-        "num_workers",
-        "eval_batch_size",
-        "save_model",
-        "compile",
-        "slow_tokenizer",  # the same ids either way
-        "tokenized_cache",
-        "tokenized_cache_dir",
-        # run facts, measured rather than chosen
-        "num_params",
-        "num_encoder_params",
-        "num_labels",
-        "environment",
-    ]
-)
+# Fields of config.json that are not train.py options: what a run found or where it was, not what it learned.
+RUN_FACTS = ("runtime_options", "run_dir", "num_params", "num_encoder_params", "num_labels", "environment")
+# train.py's runtime options (how and where a run executes), for runs made before config.json listed
+# them itself under "runtime_options" (train.py declares them in its Runtime class).
+OLD_RUNTIME_OPTIONS = (
+    "output_root", "device", "num_workers", "eval_batch_size", "save_model", "compile",
+    "slow_tokenizer",  # the same ids either way
+    "tokenized_cache", "tokenized_cache_dir",
+)  # fmt: skip
+
+
+def not_setting_fields(config: dict[str, Any], repetitions: bool = True) -> frozenset[str]:
+    """Fields of a run's config.json outside its setting: its runtime options, its facts and (with
+    `repetitions`) seed and dataset_dir.
+
+    Every other scalar field is part of the setting, so an unknown new argument splits settings
+    instead of silently averaging different experiments together.
+    """
+    runtime = config.get("runtime_options")
+    if not isinstance(runtime, list) or not all(isinstance(name, str) for name in runtime):
+        runtime = OLD_RUNTIME_OPTIONS
+    return frozenset([*runtime, *RUN_FACTS, *(REPETITION_FIELDS if repetitions else ())])
+
 
 NUMBER = (int, float)  # a JSON number
 # Required fields of each run file with the JSON types they must have.
@@ -168,12 +167,14 @@ def world_size_of(config: dict[str, Any]) -> Any:
     return environment.get("world_size", 1) if isinstance(environment, dict) else 1
 
 
-def setting_of(config: dict[str, Any], ignored: frozenset[str] = NOT_SETTING_FIELDS) -> dict[str, Any]:
-    """The hyperparameters that define what a run learned: every field not in `ignored`.
+def setting_of(config: dict[str, Any], repetitions: bool = True) -> dict[str, Any]:
+    """The hyperparameters that define what a run learned: every field outside not_setting_fields
+    (which leaves seed and dataset_dir in when `repetitions` is False).
 
     The process count (world_size) is one: it multiplies the effective batch. A list (e.g.
     text_fields) becomes its JSON text, so that it can be compared and grouped.
     """
+    ignored = not_setting_fields(config, repetitions)
     return {
         key: utils.to_json(value) if isinstance(value, (list, dict)) else value
         for key, value in {**config, "world_size": world_size_of(config)}.items()

@@ -35,8 +35,10 @@ from tap import Tap
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
+import data
+import evaluation
+import modeling
 import tokenization
-import train
 import utils
 from utils import InputError
 
@@ -44,7 +46,7 @@ DEFAULT_TEXT_FIELDS = ["title", "body"]  # the layout of models saved before con
 DEFAULT_MAX_SEQ_LEN = 512
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 OUTPUT_FIELDS = ("pred", "pred_id", "probs")  # appended to each row; input fields of these names are replaced
-NO_LABEL = -100  # train.collate needs a label: cross_entropy's ignore_index, so train.predict's loss is 0 and unused
+NO_LABEL = -100  # data.collate needs a label: cross_entropy's ignore_index, so evaluation.predict's loss is 0 and unused
 SAVE_HINT = "train one with `python src/train.py --save_model` and pass its RUN_DIR/model, e.g. outputs/<model>/<date>/<time>/model"
 
 
@@ -99,7 +101,7 @@ def load_model(model_dir: Path, config: PretrainedConfig) -> tuple[transformers.
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
-    except (OSError, *train.LOAD_ERRORS) as e:
+    except (OSError, *modeling.LOAD_ERRORS) as e:
         raise InputError(f"cannot load the model saved in {model_dir} ({type(e).__name__}: {utils.first_line(e)}): {SAVE_HINT}") from None
     return tokenizer, model
 
@@ -164,10 +166,10 @@ def classify(
     model: torch.nn.Module, examples: list[dict], pad_token_id: int, batch_size: int, device: torch.device, dtype: torch.dtype
 ) -> list[torch.Tensor]:
     """Logits (fp32, on the CPU) per example in input order, by train.py's evaluation code: batches longest first."""
-    ordered = train.shard_by_length(examples, rank=0, world_size=1)
-    loader = DataLoader(ordered, batch_size=batch_size, collate_fn=partial(train.collate, pad_token_id=pad_token_id))
+    ordered = data.shard_by_length(examples, rank=0, world_size=1)
+    loader = DataLoader(ordered, batch_size=batch_size, collate_fn=partial(data.collate, pad_token_id=pad_token_id))
     autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    return [p["logits"] for p in train.gather(train.predict(model, loader, device, autocast), world_size=1)]
+    return [p["logits"] for p in evaluation.gather(evaluation.predict(model, loader, device, autocast), world_size=1)]
 
 
 def with_prediction(row: dict, logits: torch.Tensor, labels: Sequence[str]) -> dict:
@@ -203,8 +205,8 @@ def main(args: Args) -> list[dict]:
     torch.set_float32_matmul_precision("high")  # as in training (train.py): TF32 on GPUs that have it
 
     # The device, the model folder and the input are checked before any weights are loaded.
-    device = train.resolve_device(args.device)
-    dtype = train.resolve_dtype(args.dtype, device)
+    device = modeling.resolve_device(args.device)
+    dtype = modeling.resolve_dtype(args.dtype, device)
     config = load_config(args.model_dir)
     text_fields, max_seq_len = input_layout(config)
     labels = [config.id2label[i] for i in range(config.num_labels)]

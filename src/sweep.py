@@ -48,7 +48,8 @@ from submitit.core.utils import pickle_load
 from tap import Tap
 
 import aggregate
-import train
+import runs
+import train  # for train.py's command line only (its Args), which the sweep checks and forwards
 import utils
 from launch import (
     RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, is_resumable, run_logged, select_options, thread_slot, train_command,
@@ -96,12 +97,6 @@ AXES = {
     "dataset_dir": "--dataset_dirs",
     "output_root": "--output_root",
 }
-
-# A finished run counts for a combination when its config matches in every field but these:
-# aggregate.py's execution-only fields (device, num_workers, eval_batch_size, ...). Seed and
-# dataset_dir, which aggregate.py averages over, are axes of the sweep, so they must match too.
-IGNORED_FIELDS = aggregate.NOT_SETTING_FIELDS - set(aggregate.REPETITION_FIELDS)
-
 
 class Args(Tap):
     """Run src/train.py for every combination of models x lrs x seeds x dataset_dirs, skipping those
@@ -205,7 +200,7 @@ class Combination:
 
     def log_name(self, index: int) -> str:
         """A unique file name that tells the run: its number, model (as its run folders name it), lr, seed, dataset."""
-        model = train.run_dir_name(self.model_name, datetime.now()).parts[0]
+        model = runs.run_dir_name(self.model_name, datetime.now()).parts[0]
         name = f"{index:03d}_{model}_lr={self.lr:g}_seed={self.seed}_{'_'.join(self.dataset_dir.parts[-2:])}"
         return re.sub(r"[^\w.=+-]+", "_", name) + ".log"
 
@@ -214,8 +209,10 @@ class Combination:
 
 
 def setting_key(config: dict[str, Any]) -> frozenset[tuple[str, Any]]:
-    """What a run learned, as a hashable value: the config without the execution-only fields."""
-    return frozenset(aggregate.setting_of(config, IGNORED_FIELDS).items())
+    """What a run learned, as a hashable value: the config without its runtime options (device,
+    num_workers, eval_batch_size, ...) and facts. Seed and dataset_dir, which aggregate.py averages
+    over, are axes of the sweep, so they must match too."""
+    return frozenset(aggregate.setting_of(config, repetitions=False).items())
 
 
 def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
@@ -256,7 +253,7 @@ def setting_id(config: dict[str, Any]) -> str:
 def runtime_options(forwarded: Sequence[str]) -> list[str]:
     """The forwarded options that do not change what a run learns (--device, --num_workers, ...): what
     `train.py --resume` takes besides the run folder, whose config.json holds the settings."""
-    return select_options(forwarded, {name for name in train.Args().class_variables if name in IGNORED_FIELDS})
+    return select_options(forwarded, set(train.RUNTIME_OPTIONS))
 
 
 def combination_configs(
@@ -268,11 +265,11 @@ def combination_configs(
     train.py's parser is built once (building it takes ~15 ms, and a full sweep has thousands of
     combinations); each combination then sets its own axes, with the types train.Args gives them.
     """
-    base = train.args_to_json(train.Args().parse_args(combinations[0].train_argv(output_root, forwarded)))
+    base = runs.args_to_json(train.Args().parse_args(combinations[0].train_argv(output_root, forwarded)))
     return [
         {
             **base, "model_name": c.model_name, "lr": float(c.lr), "seed": int(c.seed), "dataset_dir": str(c.dataset_dir),
-            "output_root": str(output_root), "world_size": world_size,
+            "output_root": str(output_root), "runtime_options": list(train.RUNTIME_OPTIONS), "world_size": world_size,
         }
         for c in combinations
     ]

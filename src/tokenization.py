@@ -88,7 +88,7 @@ class Encoded:
         return example
 
     def examples(self, labels: Sequence[int]) -> list[dict]:
-        """Examples ready for batching (train.collate): token ids, label and position in the split."""
+        """Examples ready for batching (data.collate): token ids, label and position in the split."""
         return [{**self.example(i), "label": label, "index": i} for i, label in enumerate(labels)]
 
 

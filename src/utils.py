@@ -1,4 +1,4 @@
-"""Small helpers shared by the stages: JSON/JSONL I/O, atomic writes, seeding."""
+"""Small helpers shared by the stages: JSON/JSONL I/O, atomic writes, seeding, logging."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 
 class InputError(Exception):
@@ -209,6 +210,22 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds the CUDA and MPS generators
+
+
+def is_main_process() -> bool:
+    """Whether this process writes and prints: rank 0 under torchrun, and any process outside a process group.
+
+    Looked up in sys.modules so that torch-free stages never import torch for it: a process that
+    has not imported torch.distributed cannot have joined a group.
+    """
+    dist = sys.modules.get("torch.distributed")
+    return dist is None or not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    """Print a line on rank 0 only (every torchrun process runs the same code), above any progress bar."""
+    if is_main_process():
+        tqdm.write(message)
 
 
 def first_line(error: BaseException) -> str:

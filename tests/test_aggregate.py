@@ -482,3 +482,22 @@ def test_process_count_splits_settings(tmp_path: Path, capsys: pytest.CaptureFix
 def test_world_size_of_older_configs(config: dict, world_size: int) -> None:
     assert aggregate.world_size_of(config) == world_size
     assert aggregate.setting_of({"lr": 1e-5, **config})["world_size"] == world_size
+
+
+def test_runtime_options_come_from_the_config_or_else_the_old_list() -> None:
+    """A run lists its runtime options in config.json; runs made before that fall back to the old list."""
+    fields = {"lr": 1e-5, "device": "cpu", "eval_batch_size": 32, "profile_dir": "x", "seed": 1, "num_params": 10}
+    listed = aggregate.setting_of({**fields, "runtime_options": ["device", "profile_dir"]})
+    assert listed == {"lr": 1e-5, "eval_batch_size": 32, "world_size": 1}  # no runtime_options column either
+    assert aggregate.setting_of(fields) == {"lr": 1e-5, "profile_dir": "x", "world_size": 1}
+    assert aggregate.setting_of(fields, repetitions=False) == {"lr": 1e-5, "profile_dir": "x", "seed": 1, "world_size": 1}
+
+
+def test_a_listed_runtime_option_does_not_split_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = tmp_path / "outputs"
+    for seed, profile_dir in ((1, "a"), (2, "b")):
+        make_run(outputs, BERT, 3e-5, seed=seed, profile_dir=profile_dir, runtime_options=[*aggregate.OLD_RUNTIME_OPTIONS, "profile_dir"])
+    run_aggregate(outputs, tmp_path / "results")
+    assert "settings differ in: nothing" in capsys.readouterr().out
+    best = pd.read_csv(tmp_path / "results" / "best.csv")
+    assert list(best["n_runs"]) == [2] and "profile_dir" not in best.columns and "runtime_options" not in best.columns

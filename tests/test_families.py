@@ -20,6 +20,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import data
+import modeling
 import predict
 import train
 import utils
@@ -107,7 +109,7 @@ def read_log(run_dir: Path) -> list[dict[str, str]]:
 def probe_batch(model_dir: Path) -> dict[str, torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = [{"input_ids": tokenizer("映画の話題", "監督と俳優が主演した。")["input_ids"], "label": 0, "index": 0}] * 2
-    return train.collate(encoded, tokenizer.pad_token_id)
+    return data.collate(encoded, tokenizer.pad_token_id)
 
 
 @pytest.mark.parametrize("family", ["bert-word", "luke"])
@@ -115,7 +117,7 @@ def test_only_parameters_without_gradient_are_frozen(family: str, tiny_family_mo
     model_dir = tiny_family_model(family)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=9).train()
     batch = probe_batch(model_dir)
-    frozen = train.freeze_unreachable(model, batch, torch.device("cpu"))
+    frozen = modeling.freeze_unreachable(model, batch, torch.device("cpu"))
     if family == "bert-word":
         assert frozen == []
     else:
@@ -126,7 +128,7 @@ def test_only_parameters_without_gradient_are_frozen(family: str, tiny_family_mo
     model(**{k: v for k, v in batch.items() if k not in ("labels", "index")}).logits.sum().backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == set(frozen)
-    groups, _ = train.param_groups(model, 0.01)
+    groups, _ = modeling.param_groups(model, 0.01)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
 
 
@@ -139,7 +141,7 @@ def test_only_parameters_without_gradient_are_frozen(family: str, tiny_family_mo
 )
 def test_position_limit_of_each_family(family: str, limit: int | None, tiny_family_model) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(tiny_family_model(family), num_labels=9)
-    assert train.position_limit(model) == limit  # RoBERTa-like: 514 rows, 2 below the padding offset
+    assert modeling.position_limit(model) == limit  # RoBERTa-like: 514 rows, 2 below the padding offset
 
 
 def test_max_seq_len_beyond_the_position_embeddings_is_one_clear_error(tiny_family_model, dataset_dir: Path, tmp_path: Path) -> None:
@@ -165,12 +167,12 @@ def long_dataset(dataset_dir: Path, output_dir: Path, repeat: int) -> Path:
 
 def test_long_context_model_takes_long_inputs(tiny_family_model, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model_dir = tiny_family_model("modernbert")
-    data = long_dataset(dataset_dir, tmp_path / "long", repeat=100)
+    long_data = long_dataset(dataset_dir, tmp_path / "long", repeat=100)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    row = utils.load_jsonl(data / "train.jsonl")[0]
+    row = utils.load_jsonl(long_data / "train.jsonl")[0]
     assert len(tokenizer(row["title"], row["body"])["input_ids"]) > 1024  # truncated at 1024, not 512
 
-    run_dir = train.main(train.Args().parse_args(family_args(model_dir, data, tmp_path / "out", "--max_seq_len", "1024", "--batch_size", "4")))
+    run_dir = train.main(train.Args().parse_args(family_args(model_dir, long_data, tmp_path / "out", "--max_seq_len", "1024", "--batch_size", "4")))
     assert (run_dir / "test-metrics.json").exists()
     assert "positions: rotary or relative (no table), trained up to 8192 tokens" in capsys.readouterr().out
 
@@ -200,7 +202,7 @@ def test_head_of_another_size_is_refused_clearly(two_class_checkpoint: Path, dat
 
 def test_reinit_head_replaces_the_head_and_says_so(two_class_checkpoint: Path, dataset_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     original = AutoModelForSequenceClassification.from_pretrained(two_class_checkpoint)
-    _, model = train.load_model(str(two_class_checkpoint), train.load_label2id(dataset_dir), reinit_head=True)
+    _, model = modeling.load_model(str(two_class_checkpoint), data.load_label2id(dataset_dir), reinit_head=True)
     assert capsys.readouterr().out.strip() == (
         f"--reinit_head: re-initialised the classification head of {two_class_checkpoint}: "
         "classifier.bias [2] -> [9], classifier.weight [2, 32] -> [9, 32]"

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
+import data
 import predict
-import train
 import utils
 from utils import InputError
 
@@ -123,14 +123,14 @@ def test_file_rows_are_carried_through_in_input_order(file_predictions: list[dic
 def test_batches_are_sorted_by_length(model_dir: Path, dataset_dir: Path, test_rows: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     batches: list[list[int]] = []
     lengths: dict[int, int] = {}
-    real_collate = train.collate
+    real_collate = data.collate
 
     def spy(examples: list[dict], pad_token_id: int) -> dict:
         batches.append([e["index"] for e in examples])
         lengths.update({e["index"]: len(e["input_ids"]) for e in examples})
         return real_collate(examples, pad_token_id)
 
-    monkeypatch.setattr(train, "collate", spy)
+    monkeypatch.setattr(data, "collate", spy)
     out = run_predict(model_dir, "--input_file", str(dataset_dir / "test.jsonl"), "--output_file", str(tmp_path / "p.jsonl"), "--batch_size", "4")
     assert [len(b) for b in batches] == [4] * 6 + [3]
     order = [i for b in batches for i in b]

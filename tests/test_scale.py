@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from sklearn.metrics import f1_score
 
+import data
+import modeling
 import tokenization
 import train
 import utils
@@ -52,10 +54,10 @@ def test_torchrun_with_two_cpu_processes(tiny_model_dir: Path, dataset_dir: Path
 
 
 def test_accumulated_gradient_equals_one_batch(tiny_model_dir: Path, dataset_dir: Path) -> None:
-    label2id = train.load_label2id(dataset_dir)
-    tokenizer, model = train.load_model(str(tiny_model_dir), label2id)
+    label2id = data.load_label2id(dataset_dir)
+    tokenizer, model = modeling.load_model(str(tiny_model_dir), label2id)
     model.eval()  # no dropout, so the two ways see the same function
-    rows = train.load_split(dataset_dir, "train", ["title", "body"], 9)[:8]
+    rows = data.load_split(dataset_dir, "train", ["title", "body"], 9)[:8]
     examples = tokenization.encode_slow(tokenizer, tokenization.texts_of(rows, ["title", "body"]), 64, True).examples([r["label"] for r in rows])
     autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -63,7 +65,7 @@ def test_accumulated_gradient_equals_one_batch(tiny_model_dir: Path, dataset_dir
     def gradients(window_sizes: list[int]) -> list[torch.Tensor]:
         model.zero_grad()
         starts = [sum(window_sizes[:i]) for i in range(len(window_sizes))]
-        window = [train.collate(examples[s : s + n], tokenizer.pad_token_id) for s, n in zip(starts, window_sizes)]
+        window = [data.collate(examples[s : s + n], tokenizer.pad_token_id) for s, n in zip(starts, window_sizes)]
         train.accumulate_gradients(model, window, sum(window_sizes), torch.device("cpu"), autocast, scaler, world_size=1)
         return [p.grad.clone() for p in model.parameters()]
 
@@ -105,4 +107,4 @@ def test_compiled_model_trains_and_saves_without_prefixes(make_train_args, tmp_p
 def test_unavailable_device_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match=r"--device cuda: CUDA is not available on this machine; use --device auto or cpu"):
-        train.resolve_device("cuda")
+        modeling.resolve_device("cuda")

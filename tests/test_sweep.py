@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 import launch
+import runs
 import sweep
 import train
 import utils
@@ -232,7 +233,7 @@ def test_combination_configs_are_what_train_parses(tiny_model_dir: Path, dataset
     configs = sweep.combination_configs(combinations, args.output_root, args.extra_args)
     for combination, config in zip(combinations, configs):
         parsed = train.Args().parse_args(combination.train_argv(args.output_root, args.extra_args))
-        assert config == {**train.args_to_json(parsed), "world_size": 1}
+        assert config == {**runs.args_to_json(parsed), "runtime_options": list(train.RUNTIME_OPTIONS), "world_size": 1}
 
 
 def test_defaults_are_the_reference_grid(tmp_path: Path) -> None:
@@ -480,10 +481,10 @@ def test_bad_launcher_arguments_are_refused(argv: list[str], error: str, capsys)
 
 
 def test_config_records_the_slurm_job_of_a_run() -> None:
-    assert train.slurm_ids({"HOME": "/root"}) is None  # not under Slurm
-    assert train.slurm_ids({"SLURM_JOB_ID": "12"}) == {"job_id": "12"}
+    assert runs.slurm_ids({"HOME": "/root"}) is None  # not under Slurm
+    assert runs.slurm_ids({"SLURM_JOB_ID": "12"}) == {"job_id": "12"}
     task = {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}
-    assert train.slurm_ids(task) == {"job_id": "15", "array_job_id": "12", "array_task_id": "3"}
+    assert runs.slurm_ids(task) == {"job_id": "15", "array_job_id": "12", "array_task_id": "3"}
 
 
 def test_more_processes_than_cores_are_warned_about(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -516,9 +517,9 @@ def make_unfinished(run: Path, copy: Path, checkpoint: bool) -> Path:
 
 def test_an_unfinished_run_with_a_checkpoint_is_resumed(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
     root, _ = swept
-    runs = finished_runs(root / "outputs")
-    configs = {run: utils.load_json(run / "config.json") for run in runs}
-    seed_1 = [run for run in runs if configs[run]["seed"] == 1]
+    finished = finished_runs(root / "outputs")
+    configs = {run: utils.load_json(run / "config.json") for run in finished}
+    seed_1 = [run for run in finished if configs[run]["seed"] == 1]
     resumable = make_unfinished(seed_1[0], tmp_path / "outputs" / seed_1[0].relative_to(root / "outputs"), checkpoint=True)
     make_unfinished(seed_1[1], tmp_path / "outputs" / seed_1[1].relative_to(root / "outputs"), checkpoint=False)
     lr = configs[seed_1[0]]["lr"]

@@ -15,10 +15,15 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+import aggregate
+import data
+import evaluation
+import modeling
+import runs
 import tokenization
 import train
-from conftest import read_csv
 import utils
+from conftest import read_csv
 from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +118,9 @@ def test_config_is_written_with_json_types_and_rebuilds_the_args(finished_run: P
     assert config["environment"]["device"] == "cpu" and config["environment"]["world_size"] == 1
     assert config["environment"]["torch"] == torch.__version__
     assert config["run_dir"] == str(finished_run)
+    # The runtime options, as train.py declares them; the same split as aggregate.py's list for older runs.
+    assert config["runtime_options"] == list(train.RUNTIME_OPTIONS) == list(train.Runtime.__annotations__)
+    assert set(config["runtime_options"]) == set(aggregate.OLD_RUNTIME_OPTIONS)
     # Enough to re-run: the arguments parse back to the same values.
     fields = train.Args().parse_args([]).as_dict().keys()
     rebuilt = train.Args().parse_args([]).from_dict({k: config[k] for k in fields})
@@ -154,21 +162,21 @@ def test_same_seed_same_metrics_without_touching_cuda(make_train_args, tmp_path:
 
 
 def test_auto_dtype_is_fp32_off_cuda() -> None:
-    assert train.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert train.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert modeling.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert modeling.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_run_dir_names() -> None:
     from datetime import datetime
 
     now = datetime(2026, 1, 2, 3, 4, 5, 678)
-    assert train.run_dir_name("cl-tohoku/bert-base-japanese-v3", now) == Path(
+    assert runs.run_dir_name("cl-tohoku/bert-base-japanese-v3", now) == Path(
         "cl-tohoku__bert-base-japanese-v3", "2026-01-02", "03-04-05.000678"
     )
 
 
 def test_a_run_folder_is_never_reused(tmp_path: Path) -> None:
-    folders = {train.make_run_dir(tmp_path, "some/model") for _ in range(20)}
+    folders = {runs.make_run_dir(tmp_path, "some/model") for _ in range(20)}
     assert len(folders) == 20
 
 
@@ -179,7 +187,7 @@ def test_biases_and_layernorm_weights_get_no_weight_decay() -> None:
     """The reference compared whole names with {"bias", "LayerNorm.weight"}: nothing matched."""
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=9)
     model = BertForSequenceClassification(config)
-    groups, summary = train.param_groups(model, weight_decay=0.01)
+    groups, summary = modeling.param_groups(model, weight_decay=0.01)
     by_id = {id(p): name for name, p in model.named_parameters()}
     decayed = {by_id[id(p)] for p in groups[0]["params"]}
     not_decayed = {by_id[id(p)] for p in groups[1]["params"]}
@@ -189,23 +197,23 @@ def test_biases_and_layernorm_weights_get_no_weight_decay() -> None:
     assert len(decayed) + len(not_decayed) == len(by_id)
     assert summary.startswith(f"weight decay 0.01 on {len(decayed)} tensors")
     # The rule is structural: a compiled model's parameters split the same way.
-    compiled_groups, _ = train.param_groups(torch.compile(model), weight_decay=0.01)
+    compiled_groups, _ = modeling.param_groups(torch.compile(model), weight_decay=0.01)
     assert [len(g["params"]) for g in compiled_groups] == [len(g["params"]) for g in groups]
 
 
 def test_evaluation_loss_is_the_mean_over_examples(tiny_model_dir: Path, dataset_dir: Path) -> None:
     """The reference divided the LAST batch's loss by the set size."""
-    label2id = train.load_label2id(dataset_dir)
-    tokenizer, model = train.load_model(str(tiny_model_dir), label2id)
-    rows = train.load_split(dataset_dir, "val", ["title", "body"], 9)
+    label2id = data.load_label2id(dataset_dir)
+    tokenizer, model = modeling.load_model(str(tiny_model_dir), label2id)
+    rows = data.load_split(dataset_dir, "val", ["title", "body"], 9)
     examples = tokenization.encode_slow(tokenizer, tokenization.texts_of(rows, ["title", "body"]), 64, True).examples([r["label"] for r in rows])
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    pad = lambda batch: train.collate(batch, tokenizer.pad_token_id)  # noqa: E731
+    pad = lambda batch: data.collate(batch, tokenizer.pad_token_id)  # noqa: E731
 
     results = []
-    for batch_size, ordered in ((4, train.shard_by_length(examples, 0, 1)), (5, examples), (27, examples)):
+    for batch_size, ordered in ((4, data.shard_by_length(examples, 0, 1)), (5, examples), (27, examples)):
         loader = DataLoader(ordered, batch_size=batch_size, collate_fn=pad)
-        results.append(train.evaluate(model, loader, torch.device("cpu"), no_autocast, 1, 9)[0])
+        results.append(evaluation.evaluate(model, loader, torch.device("cpu"), no_autocast, 1, 9)[0])
     # 27 examples in batches of 4 or 5 (length-sorted or not): the same mean as in one batch.
     for metrics in results[:2]:
         assert metrics == pytest.approx(results[2], abs=1e-6)
@@ -237,7 +245,7 @@ def test_only_the_body_is_truncated(tiny_model_dir: Path) -> None:
 
 
 def test_collate_pads_to_the_longest_of_the_batch() -> None:
-    batch = train.collate(
+    batch = data.collate(
         [{"input_ids": [2, 5, 3], "token_type_ids": [0, 0, 0], "label": 1, "index": 0},
          {"input_ids": [2, 3], "token_type_ids": [0, 0], "label": 4, "index": 1}],
         pad_token_id=0,
@@ -269,29 +277,29 @@ def test_missing_dataset_says_to_run_prepare(make_train_args, tmp_path: Path) ->
 
 
 def test_missing_split_says_to_run_prepare(make_train_args, dataset_dir: Path, tmp_path: Path) -> None:
-    data = copy_dataset(dataset_dir, tmp_path / "data")
-    (data / "val.jsonl").unlink()
+    dataset = copy_dataset(dataset_dir, tmp_path / "data")
+    (dataset / "val.jsonl").unlink()
     with pytest.raises(InputError, match=r"val.jsonl not found: run `poetry run python src/prepare.py` first"):
-        train.main(make_train_args(tmp_path, "--dataset_dir", str(data)))
+        train.main(make_train_args(tmp_path, "--dataset_dir", str(dataset)))
 
 
 def test_malformed_jsonl_names_file_and_line(make_train_args, dataset_dir: Path, tmp_path: Path) -> None:
-    data = copy_dataset(dataset_dir, tmp_path / "data")
-    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    dataset = copy_dataset(dataset_dir, tmp_path / "data")
+    lines = (dataset / "train.jsonl").read_text(encoding="utf-8").splitlines()
     lines[4] = lines[4][:-1]
-    (data / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.raises(InputError, match=rf"{data / 'train.jsonl'}: line 5: not valid JSON"):
-        train.main(make_train_args(tmp_path / "out", "--dataset_dir", str(data)))
+    (dataset / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"{dataset / 'train.jsonl'}: line 5: not valid JSON"):
+        train.main(make_train_args(tmp_path / "out", "--dataset_dir", str(dataset)))
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_label_names_file_and_line(make_train_args, dataset_dir: Path, tmp_path: Path) -> None:
-    data = copy_dataset(dataset_dir, tmp_path / "data")
-    rows = utils.load_jsonl(data / "test.jsonl")
+    dataset = copy_dataset(dataset_dir, tmp_path / "data")
+    rows = utils.load_jsonl(dataset / "test.jsonl")
     rows[2]["label"] = 9
-    utils.save_jsonl(rows, data / "test.jsonl")
-    with pytest.raises(InputError, match=rf"{data / 'test.jsonl'}: line 3: label 9 is not an id of label2id.json \(0-8\)"):
-        train.main(make_train_args(tmp_path / "out", "--dataset_dir", str(data)))
+    utils.save_jsonl(rows, dataset / "test.jsonl")
+    with pytest.raises(InputError, match=rf"{dataset / 'test.jsonl'}: line 3: label 9 is not an id of label2id.json \(0-8\)"):
+        train.main(make_train_args(tmp_path / "out", "--dataset_dir", str(dataset)))
 
 
 @pytest.mark.parametrize(
@@ -306,12 +314,12 @@ def test_unknown_label_names_file_and_line(make_train_args, dataset_dir: Path, t
 )
 def test_values_of_the_wrong_type_name_file_and_line(change, message: str, dataset_dir: Path, tmp_path: Path) -> None:
     """true is an int in Python and str(None) is "None": neither may pass as a label or a text."""
-    data = copy_dataset(dataset_dir, tmp_path / "data")
-    rows = utils.load_jsonl(data / "val.jsonl")
+    dataset = copy_dataset(dataset_dir, tmp_path / "data")
+    rows = utils.load_jsonl(dataset / "val.jsonl")
     change(rows[2])
-    utils.save_jsonl(rows, data / "val.jsonl")
-    with pytest.raises(InputError, match=rf"^{re.escape(str(data / 'val.jsonl'))}: {message}"):
-        train.load_split(data, "val", ["title", "body"], 9)
+    utils.save_jsonl(rows, dataset / "val.jsonl")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(dataset / 'val.jsonl'))}: {message}"):
+        data.load_split(dataset, "val", ["title", "body"], 9)
 
 
 def test_model_that_cannot_be_loaded_offline(make_train_args, tmp_path: Path) -> None:

@@ -33,8 +33,8 @@ from tap import Tap  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 import prepare  # noqa: E402
+import data  # noqa: E402
 import tokenization  # noqa: E402
-import train  # noqa: E402
 import utils  # noqa: E402
 from fake_corpus import REAL_COUNTS, write_corpus  # noqa: E402
 from tiny_bert import build_tiny_bert, read_texts  # noqa: E402
@@ -53,7 +53,7 @@ class Args(Tap):
 def lengthen_bodies(dataset_dir: Path, body_chars: tuple[int, int], seed: int = 0) -> None:
     """Give every body a length drawn from BODY_CHARS, made of the corpus's own body lines."""
     rng = random.Random(seed)
-    splits = {split: utils.load_jsonl(dataset_dir / f"{split}.jsonl") for split in (*train.SPLITS, "all")}
+    splits = {split: utils.load_jsonl(dataset_dir / f"{split}.jsonl") for split in (*data.SPLITS, "all")}
     lines = [line for row in splits["all"] for line in row["body"].split("\n")]
     bodies: dict[str, str] = {}
     for row in splits["all"]:
@@ -92,8 +92,8 @@ def main(args: Args) -> None:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
         text_fields = ["title", "body"]
         token_type_ids = tokenization.wants_token_type_ids(AutoConfig.from_pretrained(model_name), text_fields)
-        rows = {split: train.load_split(dataset_dir, split, text_fields, 10**9) for split in train.SPLITS}
-        texts = [text for split in train.SPLITS for text in tokenization.texts_of(rows[split], text_fields)]
+        rows = {split: data.load_split(dataset_dir, split, text_fields, 10**9) for split in data.SPLITS}
+        texts = [text for split in data.SPLITS for text in tokenization.texts_of(rows[split], text_fields)]
         mean_chars = sum(len(body) for _, body in texts) / len(texts)
 
         # 1. Both paths over the same documents, one after the other.
@@ -114,7 +114,7 @@ def main(args: Args) -> None:
 
         # 2. A run start's tokenisation step with an empty cache, then with the entry written.
         cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-cache-", dir=work_dir)))
-        files = {split: dataset_dir / f"{split}.jsonl" for split in train.SPLITS}
+        files = {split: dataset_dir / f"{split}.jsonl" for split in data.SPLITS}
         steps, lines = {}, []
         for name in ("cold", "warm"):
             print(f"run start, {name} cache ...", flush=True)

@@ -8,7 +8,7 @@ A benchmark, not a test (pytest does not collect it). For one model on the curre
 
 1. tokenisation of the train split with tokenization.tokenize_splits as train.main calls it, without its cache
    (worker processes of tokenization.encode_parallel; tests/benchmarks/bench_tokenize.py compares the paths and the cache);
-2. the model-only step: batches collated (train.collate) and moved to the device before timing, then
+2. the model-only step: batches collated (data.collate) and moved to the device before timing, then
    train.accumulate_gradients + gradient clipping + AdamW step + zero_grad + scheduler step, with the
    autocast/GradScaler settings of train.main; warm-up steps untimed; the device synchronised around the clock;
 3. the full training loop: train.main on the same examples, batch size and max_seq_len, reading the
@@ -47,6 +47,8 @@ from tap import Tap  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from transformers.optimization import get_linear_schedule_with_warmup  # noqa: E402
 
+import data  # noqa: E402
+import modeling  # noqa: E402
 import prepare  # noqa: E402
 import tokenization  # noqa: E402
 import train  # noqa: E402
@@ -179,7 +181,7 @@ def tokenizer_processes(num_workers: int) -> str:
 def measure_tokenisation(train_argv: list[str], rows: list[dict], path: Path, label2id: dict[str, int]) -> tuple[list[dict], dict[str, Any]]:
     """Tokenise the train split as train.main does; return the examples and the timing."""
     args = train.Args().parse_args(train_argv)
-    tokenizer, model = train.load_model(args.model_name, label2id)  # its clear error for a model that does not load
+    tokenizer, model = modeling.load_model(args.model_name, label2id)  # its clear error for a model that does not load
     token_type_ids = tokenization.wants_token_type_ids(model.config, args.text_fields)
     del model
     start = time.perf_counter()
@@ -203,17 +205,17 @@ def measure_model_only(train_argv: list[str], examples: list[dict], label2id: di
     rss_at_start, _ = peak_rss()
     args = train.Args().parse_args(train_argv)
     transformers.utils.logging.disable_progress_bar()
-    device = train.resolve_device(args.device)
+    device = modeling.resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = train.resolve_dtype(args.dtype, device)
+    dtype = modeling.resolve_dtype(args.dtype, device)
     utils.set_seed(args.seed)
-    tokenizer, model = train.load_model(args.model_name, label2id)
+    tokenizer, model = modeling.load_model(args.model_name, label2id)
 
     # The batches of the full loop's last epoch: same sampler, seed and epoch, same collation.
     sampler = DistributedSampler(examples, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
     sampler.set_epoch(args.epochs)
-    loader = DataLoader(examples, batch_size=args.batch_size, sampler=sampler, collate_fn=partial(train.collate, pad_token_id=tokenizer.pad_token_id))
+    loader = DataLoader(examples, batch_size=args.batch_size, sampler=sampler, collate_fn=partial(data.collate, pad_token_id=tokenizer.pad_token_id))
     cpu_batches = list(loader)
     counts = [train.window_counts([batch]) for batch in cpu_batches]  # (examples, real tokens) per batch
     padded_tokens = sum(batch["input_ids"].numel() for batch in cpu_batches)
@@ -221,7 +223,7 @@ def measure_model_only(train_argv: list[str], examples: list[dict], label2id: di
     model.to(device)
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in cpu_batches]
     compiled = torch.compile(model, dynamic=True) if args.compile else model
-    groups, _ = train.param_groups(model, args.weight_decay)
+    groups, _ = modeling.param_groups(model, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, warmup_steps + steps + 1)
     autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -264,7 +266,7 @@ def measure_full_loop(train_argv: list[str]) -> dict[str, Any]:
     """train.main as users run it; the throughput of its last epoch, from its log.csv."""
     rss_at_start, _ = peak_rss()
     args = train.Args().parse_args(train_argv)
-    device = train.resolve_device(args.device)
+    device = modeling.resolve_device(args.device)
     # Its log lines (stdout) stay on the console; its progress bars (stderr) go to a file.
     with (args.output_root.parent / "full-loop-stderr.log").open("w", encoding="utf-8") as f, contextlib.redirect_stderr(f):
         run_dir = train.main(args)
@@ -395,9 +397,9 @@ def main(args: Args) -> None:
 
         source = source_dataset(args, work_dir)
         repeat = args.repeat_body or (1 if args.dataset_dir is not None else 8)
-        label2id = train.load_label2id(source)
+        label2id = data.load_label2id(source)
         text_fields = train.Args().text_fields
-        rows = {split: with_repeated_body(train.load_split(source, split, text_fields, len(label2id)), repeat) for split in train.SPLITS}
+        rows = {split: with_repeated_body(data.load_split(source, split, text_fields, len(label2id)), repeat) for split in data.SPLITS}
         if len(rows["train"]) < args.num_examples:
             raise InputError(f"--num_examples {args.num_examples}: the train split has only {len(rows['train'])} (raise --articles_per_category)")
 

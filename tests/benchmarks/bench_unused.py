@@ -10,7 +10,7 @@ on the same batches with:
 
 - plain: DDP as before the fix (no probe): BERT only, since LUKE stops at its second step this way,
   even in a 1-process group ("Expected to have finished reduction in the prior iteration");
-- frozen: train.freeze_unreachable's probe step once, then DDP as before (what train.py does);
+- frozen: modeling.freeze_unreachable's probe step once, then DDP as before (what train.py does);
 - find_unused: DDP(find_unused_parameters=True), which searches the autograd graph every step.
 
 The strategies take turns step by step (the machine is noisy), and the table shows median step times
@@ -33,8 +33,9 @@ from tap import Tap  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
+import data  # noqa: E402
+import modeling  # noqa: E402
 import prepare  # noqa: E402
-import train  # noqa: E402
 import utils  # noqa: E402
 from fake_corpus import write_corpus  # noqa: E402
 from tiny_models import build_tiny_model, read_texts  # noqa: E402
@@ -54,7 +55,7 @@ def batches(model_dir: Path, dataset_dir: Path, args: Args) -> list[dict[str, to
     rows = utils.load_jsonl(dataset_dir / "train.jsonl")[: args.batch_size * (args.steps + 2)]
     encoded = tokenizer([r["title"] for r in rows], [r["body"] for r in rows], truncation="only_second", max_length=args.max_seq_len)
     examples = [{"input_ids": ids, "label": r["label"], "index": i} for i, (ids, r) in enumerate(zip(encoded["input_ids"], rows))]
-    return [train.collate(examples[i : i + args.batch_size], tokenizer.pad_token_id) for i in range(0, len(examples), args.batch_size)]
+    return [data.collate(examples[i : i + args.batch_size], tokenizer.pad_token_id) for i in range(0, len(examples), args.batch_size)]
 
 
 def make_ddp(model_dir: Path, strategy: str, probe_batch: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, torch.optim.Optimizer, float]:
@@ -62,10 +63,10 @@ def make_ddp(model_dir: Path, strategy: str, probe_batch: dict[str, torch.Tensor
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=9).train()
     start = time.perf_counter()
     if strategy == "frozen":
-        train.freeze_unreachable(model, probe_batch, torch.device("cpu"))
+        modeling.freeze_unreachable(model, probe_batch, torch.device("cpu"))
     probe_seconds = time.perf_counter() - start
     ddp = DistributedDataParallel(model, find_unused_parameters=strategy == "find_unused")
-    groups, _ = train.param_groups(model, 0.01)
+    groups, _ = modeling.param_groups(model, 0.01)
     return ddp, torch.optim.AdamW(groups, lr=1e-4), probe_seconds
 
 
@@ -94,11 +95,11 @@ def main(args: Args) -> None:
         print(f"{'model':<9} {'strategy':<12} {'step ms':>9} {'vs frozen':>9} {'probe ms':>9}")
         for family in ("bert-word", "luke"):
             model_dir = build_tiny_model(family, texts, root / family, args.hidden_size, args.num_layers)
-            data = batches(model_dir, root / "data", args)
+            step_batches = batches(model_dir, root / "data", args)
             names = ("plain", "frozen", "find_unused") if family == "bert-word" else ("frozen", "find_unused")
-            strategies = {name: make_ddp(model_dir, name, data[0]) for name in names}
+            strategies = {name: make_ddp(model_dir, name, step_batches[0]) for name in names}
             times: dict[str, list[float]] = {name: [] for name in strategies}
-            for i, batch in enumerate(data):
+            for i, batch in enumerate(step_batches):
                 for name, (ddp, optimizer, _) in strategies.items():
                     seconds = step(ddp, optimizer, batch)
                     if i >= 2:
