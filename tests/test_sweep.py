@@ -658,3 +658,46 @@ def test_the_command_line_says_how_it_was_stopped_in_one_line(monkeypatch, capsy
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The pids of the processes whose command line mentions `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def test_sigterm_to_the_sweep_command_stops_every_train_py(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    """End to end, as a scheduler's kill does it: SIGTERM to sweep.py alone, 2 real train.py runs at once."""
+    argv = [
+        "--models", str(tiny_model_dir), "--lrs", *LRS, "--seeds", "1", "--dataset_dirs", str(dataset_dir),
+        "--output_root", str(tmp_path / "outputs"), "--results_dir", str(tmp_path / "results"), *FORWARDED, "--epochs", "500", "--jobs", "2",
+    ]  # fmt: skip
+    sweep_py = Path(sweep.__file__)
+    process = subprocess.Popen([sys.executable, str(sweep_py), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Once both runs have finished an epoch (a checkpoint each), they are well inside their training.
+        deadline = time.monotonic() + 240
+        while len(list((tmp_path / "outputs").glob("*/*/*/checkpoint.pt"))) < 2:
+            assert time.monotonic() < deadline and process.poll() is None, "the runs never reached their first checkpoint"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, (out, err)
+    assert "Traceback" not in out + err
+    assert "sweep: got SIGTERM: passed it on to the 2 running train.py run(s), which stop and keep their checkpoints; waiting for them" in out
+    assert out.count("] stopped (exit code 143) after ") == 2  # train.py's own exit on SIGTERM
+    assert err.splitlines()[-1].startswith("interrupted by SIGTERM: 2 run(s) stopped, 0 not started, no train.py left running; run the same command again")
+    assert processes_mentioning(str(tmp_path)) == []
+    # Both runs can be resumed: the same command says it would resume them.
+    with contextlib.redirect_stdout(io.StringIO()) as plan_out:
+        sweep.main(sweep.Args().parse_args([*argv, "--dry_run"]), run=never)
+    assert "2 to run (2 of them resume a run from its checkpoint)" in plan_out.getvalue()
