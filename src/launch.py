@@ -249,6 +249,8 @@ class SlurmRun(submitit.helpers.Checkpointable):
     sweep resumes it). A USR2 earlier than that is a preemption notice: the task requeues itself.
     """
 
+    signal_delay_s = 90  # the class's value for tasks pickled before it was an argument
+
     def __init__(self, signal_delay_s: int = 90) -> None:
         self.signal_delay_s = signal_delay_s
 

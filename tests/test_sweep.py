@@ -701,3 +701,74 @@ def test_sigterm_to_the_sweep_command_stops_every_train_py(tiny_model_dir: Path,
     with contextlib.redirect_stdout(io.StringIO()) as plan_out:
         sweep.main(sweep.Args().parse_args([*argv, "--dry_run"]), run=never)
     assert "2 to run (2 of them resume a run from its checkpoint)" in plan_out.getvalue()
+
+
+# --- a Slurm task's decisions (the task itself runs on the real cluster in test_slurm.py) ---------------
+
+
+@pytest.mark.parametrize(("said", "seconds"), [("1-02:03:04", 93784), ("2:03:04", 7384), ("3:04", 184), ("0:05", 5), ("INVALID", None), ("", None)])
+def test_the_time_left_is_read_from_squeue(said: str, seconds: int | None, monkeypatch) -> None:
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=said + "\n", stderr=""))
+    assert launch.slurm_seconds_left("12_3") == seconds
+
+
+@pytest.mark.parametrize(("left", "timed_out", "requeued"), [(150.0, True, False), (None, True, False), (3000.0, False, True)])
+def test_usr2_near_the_time_limit_is_a_time_out_and_earlier_a_preemption(left: float | None, timed_out: bool, requeued: bool, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(launch, "slurm_seconds_left", lambda job_id: left)
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, **k: calls.append(command))
+    signals = launch.TaskSignals("12_3", signal_delay_s=90)
+    signals.on_usr2(signal.SIGUSR2, None)
+    assert (signals.timed_out, signals.terminated) == (timed_out, False)
+    assert calls == ([["scontrol", "requeue", "12_3"]] if requeued else [])
+    signals.on_term(signal.SIGTERM, None)
+    assert signals.terminated
+
+
+def test_a_requeued_task_continues_the_run_its_log_names(tmp_path: Path, monkeypatch) -> None:
+    """A task that runs again after a requeue: the run folder named in its log is resumed, or left alone if finished."""
+    started = []
+    monkeypatch.setattr(launch, "run_logged", lambda launch_, slot, own_group: started.append((launch_.argv, own_group)) or 0)
+    monkeypatch.setenv("SLURM_JOB_ID", "15")
+    log = tmp_path / "001.log"
+    task = launch.Launch("x", ["--model_name", "m", "--epochs", "3", "--device", "cpu"], 1, log, runtime_argv=["--device", "cpu"])
+
+    assert launch.SlurmRun()(task) == 0  # a first attempt: a new run
+    assert started == [(task.argv, False)]
+    run = tmp_path / "outputs" / "run"  # as train.py leaves a run stopped after an epoch
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}", encoding="utf-8")
+    (run / "checkpoint.pt").write_bytes(b"a checkpoint")
+    log.write_text(f"# header\nrun folder: {run}\nepoch 1 ...\n", encoding="utf-8")
+    assert launch.SlurmRun()(task) == 0
+    assert started[-1] == (["--resume", str(run), "--device", "cpu"], False)
+    assert f"task requeued: resuming {run} from its checkpoint" in log.read_text(encoding="utf-8")
+    (run / "test-metrics.json").write_text("{}", encoding="utf-8")  # it finished before Slurm stopped the task
+    started.clear()
+    assert launch.SlurmRun()(task) == 0 and started == []
+    assert f"{run} is finished (by an earlier attempt of this task)" in log.read_text(encoding="utf-8")
+
+
+def test_a_task_stopped_by_slurm_leaves_no_result(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM (preemption, requeue, scancel): no result, so that the sweep waits; the time limit: a reported failure."""
+    log = tmp_path / "001.log"
+    task = launch.Launch("x", ["--epochs", "3"], 1, log)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR2)}
+
+    def stopped_by(handler: str):
+        def run_logged(launch_: launch.Launch, slot: launch.Slot, own_group: bool) -> int:
+            if handler == "on_usr2":
+                signal.raise_signal(signal.SIGUSR2)
+            signal.raise_signal(signal.SIGTERM)
+            return 143
+        return run_logged
+
+    monkeypatch.setattr(launch, "run_logged", stopped_by("on_term"))
+    with pytest.raises(SystemExit) as e:
+        launch.SlurmRun()(task)
+    assert e.value.code == 143  # SystemExit is no Exception: submitit writes no result
+    monkeypatch.setattr(launch, "run_logged", stopped_by("on_usr2"))
+    monkeypatch.setattr(launch, "slurm_seconds_left", lambda job_id: 60.0)
+    with pytest.raises(launch.TaskStopped, match=r"^stopped by the Slurm time limit \(raise --slurm_time\)$"):
+        launch.SlurmRun()(task)
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # the task's handlers are restored
