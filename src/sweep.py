@@ -378,15 +378,15 @@ class Progress:
             self.last, self.shown = time.monotonic(), (self.done, self.failed, self.running)
         self.stream.flush()
 
-    def message(self, text: str) -> None:
-        """A line of its own above the progress line."""
-        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+    def note(self, message: str) -> None:
+        """A message on a line of its own, above the progress line."""
+        self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
         self.show(force=True)
 
     def ended(self, message: str, ok: bool) -> None:
         """A run ended: count it and say so."""
         self.done, self.failed = self.done + ok, self.failed + (not ok)
-        self.message(message)
+        self.note(message)
 
     def close(self) -> None:
         if self.tty:
@@ -507,7 +507,7 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
                 if len(relay.received) > told:
                     told = len(relay.received)
                     name = signal_name(relay.received[-1])
-                    progress.message(
+                    progress.note(
                         f"sweep: got {name}: passed it on to the {relay.reached} running train.py run(s), which stop and keep their "
                         f"checkpoints; waiting for them (a second signal kills them)"
                         if told == 1 else f"sweep: got {name} again: killed the running train.py run(s)"
@@ -520,7 +520,7 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
                     seconds = format_seconds(time.monotonic() - started[index])
                     if relay.received and code != 0:
                         stopped += 1
-                        progress.message(f"[{index + 1}/{len(launches)}] stopped ({describe_exit(code)}) after {seconds}: {launch.title}  (log: {launch.log_path})")
+                        progress.note(f"[{index + 1}/{len(launches)}] stopped ({describe_exit(code)}) after {seconds}: {launch.title}  (log: {launch.log_path})")
                         continue
                     status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
                     progress.ended(f"[{index + 1}/{len(launches)}] {status} in {seconds}: {launch.title}  (log: {launch.log_path})", code == 0)
@@ -704,7 +704,7 @@ def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progr
                     ended.append(index)
                 progress.running = sum(states.get(jobs[i].job_id) == "RUNNING" for i in pending)
                 for index in requeued:
-                    progress.message(f"[{index + 1}/{len(jobs)}] requeued by Slurm (preempted, or scontrol requeue); it resumes from its checkpoint when it runs again: {launches[index].title}")
+                    progress.note(f"[{index + 1}/{len(jobs)}] requeued by Slurm (preempted, or scontrol requeue); it resumes from its checkpoint when it runs again: {launches[index].title}")
                 for index in ended:
                     failure = task_outcome(jobs[index], launches[index])
                     status = "done" if failure is None else f"FAILED ({failure.reason})"
