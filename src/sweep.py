@@ -652,7 +652,7 @@ def queued_runs(output_root: Path) -> dict[str, Queued]:
         if len(parts) < 3 or parts[1] not in ACTIVE_SLURM_STATES:
             continue
         job_id, script = parts[0], Path(parts[2])
-        if script.parent.parent.parent != logs:
+        if not script.is_absolute() or script.parent.resolve().parent.parent != logs:
             continue
         job: submitit.Job = submitit.SlurmJob(folder=script.parent, job_id=job_id)
         try:
