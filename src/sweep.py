@@ -618,16 +618,17 @@ ACTIVE_SLURM_STATES = frozenset(
 WAITING_AGAIN_STATES = frozenset(["PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"])
 
 
-def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
-    """State of each job or array task (JOBID or JOBID_TASK) still known to Slurm, or None if squeue did not answer.
+def queue_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]] | None:
+    """State and start time of each job or array task (JOBID or JOBID_TASK) still known to Slurm, or None
+    if squeue did not answer. A task that Slurm ran again (requeued) has a new start time.
 
     squeue, not sacct: it needs no accounting database, which small clusters often lack.
     """
     base_ids = sorted({job_id.split("_")[0] for job_id in job_ids})
-    result = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", "%i %T"], capture_output=True, text=True, check=False)
+    result = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", "%i %T %S"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return {} if "Invalid job id" in result.stderr else None  # a finished job is forgotten after MinJobAge
-    return dict(line.split(maxsplit=1) for line in result.stdout.splitlines() if " " in line)
+    return {parts[0]: (parts[1], parts[2] if len(parts) > 2 else "") for line in result.stdout.splitlines() if len(parts := line.split()) >= 2}
 
 
 @dataclass
@@ -684,7 +685,7 @@ def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progr
     its leaving the queue ends it.
     """
     pending = set(range(len(jobs)))
-    ran: set[int] = set()  # tasks seen running: one seen waiting again was requeued
+    started: dict[int, str] = {}  # the start time of each task seen running: a task seen waiting again, or started anew, was requeued
     failures: list[Failure] = []
     try:
         while pending:
@@ -692,19 +693,19 @@ def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progr
             if states is not None:
                 ended, requeued = [], []
                 for index in sorted(pending):
-                    state = states.get(jobs[index].job_id)
+                    state, start = states.get(jobs[index].job_id, ("", ""))
                     if not jobs[index].paths.result_pickle.exists() and state in ACTIVE_SLURM_STATES:
-                        if state == "RUNNING":
-                            ran.add(index)
-                        elif index in ran and state in WAITING_AGAIN_STATES:
-                            ran.discard(index)
+                        if index in started and (state in WAITING_AGAIN_STATES or (state == "RUNNING" and start != started[index])):
+                            del started[index]
                             requeued.append(index)
+                        if state == "RUNNING":
+                            started[index] = start
                         continue
                     pending.discard(index)
                     ended.append(index)
-                progress.running = sum(states.get(jobs[i].job_id) == "RUNNING" for i in pending)
+                progress.running = sum(states.get(jobs[i].job_id, ("",))[0] == "RUNNING" for i in pending)
                 for index in requeued:
-                    progress.note(f"[{index + 1}/{len(jobs)}] requeued by Slurm (preempted, or scontrol requeue); it resumes from its checkpoint when it runs again: {launches[index].title}")
+                    progress.note(f"[{index + 1}/{len(jobs)}] requeued by Slurm (preempted, or scontrol requeue); it resumes from its checkpoint: {launches[index].title}")
                 for index in ended:
                     failure = task_outcome(jobs[index], launches[index])
                     status = "done" if failure is None else f"FAILED ({failure.reason})"

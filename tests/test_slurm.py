@@ -231,8 +231,9 @@ def test_a_requeued_task_resumes_its_run(tiny_model_dir: Path, dataset_dir: Path
             thread.join(timeout=60)
     assert outcome == [None]  # no failure: the sweep exits 0
     out = capsys.readouterr().out
-    assert re.search(r"^\[1/2\] requeued by Slurm \(preempted, or scontrol requeue\); it resumes from its checkpoint", out, re.MULTILINE)
-    assert re.search(r"^sweep: 2/2 done, 0 running, 0 failed, .*$", out.rstrip().splitlines()[-1])  # the last line's counts are final
+    assert re.search(r"^\[1/2\] requeued by Slurm \(preempted, or scontrol requeue\); it resumes from its checkpoint: ", out, re.MULTILINE)
+    progress_lines = re.findall(r"^sweep: \d+/2 done, .*$", out, re.MULTILINE)
+    assert progress_lines[-1].startswith("sweep: 2/2 done, 0 running, 0 failed, ")  # the last one states the final counts
 
     runs = finished_runs(tmp_path / "outputs")
     assert len(runs) == 2 and run in runs  # task 0 finished its first run folder
