@@ -195,9 +195,14 @@ def run_folder_of_task(output_root: Path, task: str) -> Path | None:
     return None
 
 
-def test_a_requeued_task_resumes_its_run(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
-    """`scontrol requeue` (what a preemption does: SIGTERM, back to pending) while task 0 trains: the sweep waits,
-    the task runs again and resumes its run folder, and the sweep ends with both runs finished, once each."""
+def state_of(task: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", task, "-o", "%T"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def test_requeued_tasks_resume_their_runs(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """While both tasks train: task 0 is requeued as a preemption does it (`scontrol requeue`: SIGTERM, back to
+    pending), task 1 gets a preemption notice (USR2 long before its time limit) and requeues itself. The sweep
+    waits, each task runs again and resumes its run folder, and the sweep ends with both runs finished, once each."""
     comment = f"requeue-test-{os.getpid()}"
     args = slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, "--epochs", "12", "--slurm_option", f"comment={comment}")
     outcome: list[BaseException | None] = []
@@ -212,18 +217,22 @@ def test_a_requeued_task_resumes_its_run(tiny_model_dir: Path, dataset_dir: Path
     thread = threading.Thread(target=waiting_sweep)
     thread.start()
     try:
-        # Requeue task 0 once its run has the checkpoint of an epoch (and is still training).
+        # Once each run has the checkpoint of an epoch (and still trains).
         deadline = time.monotonic() + 240
-        while (run := run_folder_of_task(tmp_path / "outputs", "0")) is None or not (run / "checkpoint.pt").exists():
-            assert time.monotonic() < deadline and thread.is_alive(), "task 0 never wrote a checkpoint"
+        while None in (folders := [run_folder_of_task(tmp_path / "outputs", task) for task in "01"]) or not all(
+            (run / "checkpoint.pt").exists() for run in folders
+        ):
+            assert time.monotonic() < deadline and thread.is_alive(), "the tasks never wrote checkpoints"
             time.sleep(0.2)
-        (task,) = [i for i in squeue(comment) if i.endswith("_0")]
-        subprocess.run(["scontrol", "requeue", task], check=True)
-        # Slurm holds a requeued job for a couple of minutes (BeginTime): let it start again at once.
-        while subprocess.run(["squeue", "-h", "-j", task, "-o", "%T"], capture_output=True, text=True).stdout.strip() != "PENDING":
-            assert time.monotonic() < deadline, "the requeued task never went back to pending"
-            time.sleep(0.2)
-        subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+        tasks = sorted(squeue(comment))
+        subprocess.run(["scontrol", "requeue", tasks[0]], check=True)
+        subprocess.run(["scancel", "--signal=USR2", tasks[1]], check=True)
+        # Slurm holds a requeued job for a couple of minutes (BeginTime): let them start again at once.
+        for task in tasks:
+            while state_of(task) != "PENDING":
+                assert time.monotonic() < deadline, f"{task} never went back to pending"
+                time.sleep(0.2)
+            subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
         thread.join(timeout=300)
     finally:
         if thread.is_alive():
@@ -231,15 +240,18 @@ def test_a_requeued_task_resumes_its_run(tiny_model_dir: Path, dataset_dir: Path
             thread.join(timeout=60)
     assert outcome == [None]  # no failure: the sweep exits 0
     out = capsys.readouterr().out
-    assert re.search(r"^\[1/2\] requeued by Slurm \(preempted, or scontrol requeue\); it resumes from its checkpoint: ", out, re.MULTILINE)
+    for index in (1, 2):
+        assert re.search(rf"^\[{index}/2\] requeued by Slurm \(preempted, or scontrol requeue\); it resumes from its checkpoint: ", out, re.MULTILINE)
     progress_lines = re.findall(r"^sweep: \d+/2 done, .*$", out, re.MULTILINE)
     assert progress_lines[-1].startswith("sweep: 2/2 done, 0 running, 0 failed, ")  # the last one states the final counts
 
     runs = finished_runs(tmp_path / "outputs")
-    assert len(runs) == 2 and run in runs  # task 0 finished its first run folder
+    assert sorted(runs) == sorted(folders)  # each task finished the run folder it began
     all_runs = pd.read_csv(tmp_path / "results" / "all.csv")
     assert sorted(all_runs["run_dir"]) == sorted(map(str, runs)) and sorted(all_runs["lr"]) == sorted(map(float, TINY_LRS))
-    log = next((tmp_path / "outputs" / "sweep-logs").glob("*/001_*.log")).read_text(encoding="utf-8")
-    assert f"task requeued: resuming {run} from its checkpoint" in log
-    assert re.search(r"^resumed ", log, re.MULTILINE)  # train.py says so
-    assert len(pd.read_csv(run / "log.csv")["epoch"]) == len(set(pd.read_csv(run / "log.csv")["epoch"])) == 13  # epochs 0-12, once each
+    for run, log in zip(folders, sorted((tmp_path / "outputs" / "sweep-logs").glob("*/00[12]_*.log"))):
+        text = log.read_text(encoding="utf-8")
+        assert f"task requeued: resuming {run} from its checkpoint" in text
+        assert re.search(rf"^resumed {re.escape(str(run))} from epoch \d+ of 12", text, re.MULTILINE)  # train.py says so
+        epochs = pd.read_csv(run / "log.csv")["epoch"].tolist()
+        assert epochs == list(range(13))  # epochs 0-12, each once
