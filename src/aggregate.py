@@ -7,6 +7,10 @@ mean val F1, with mean and std over its seeds/folds), results/best.md (the Markd
 best.csv), results/per-class.csv (test F1 per category of each best setting) and the figures
 best.png, curves.png and per-class.png (drawn by plot.py). Nothing is downloaded: parameter counts
 come from each run's config.json, figures from each run's log.csv and test-per-class.csv.
+
+Runs are repetitions of one setting when they differ only in seed and split (folds of one corpus);
+runs on different tasks (corpora, told apart by the dataset.json of prepare.py) are never averaged,
+and copies of one run (same setting, seed and split) count once: the newest finished one.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ METRICS = ("loss", "accuracy", "precision", "recall", "f1")
 SCORES = ("accuracy", "precision", "recall", "f1")  # the metrics reported with a std, in percent
 
 # Runs that differ only in these are repetitions of one setting: their scores are averaged.
+# (dataset_dir: the folds of one corpus; the corpus itself is the setting field "task".)
 REPETITION_FIELDS = ("seed", "dataset_dir")
 # Fields of config.json that are not train.py options: what a run found or where it was, not what it learned.
-RUN_FACTS = ("runtime_options", "run_dir", "num_params", "num_encoder_params", "num_labels", "environment")
+# (dataset: the description of the dataset; its corpus becomes the setting field "task".)
+RUN_FACTS = ("runtime_options", "run_dir", "dataset", "num_params", "num_encoder_params", "num_labels", "environment")
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
 # them itself under "runtime_options" (train.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (
@@ -167,6 +173,46 @@ def world_size_of(config: dict[str, Any]) -> Any:
     return environment.get("world_size", 1) if isinstance(environment, dict) else 1
 
 
+def dataset_of(config: dict[str, Any]) -> dict[str, Any]:
+    """What the run's dataset is: the dataset.json that train.py recorded in config.json ("dataset").
+
+    Runs of an older train.py: the dataset folder's dataset.json, else its label2id.json (the label
+    names), as they are now; nothing if the folder is not here (a run copied from elsewhere).
+    """
+    recorded = config.get("dataset")
+    if isinstance(recorded, dict):
+        return recorded
+    folder = Path(config["dataset_dir"])
+    try:
+        if (folder / "dataset.json").is_file():
+            description = utils.load_json(folder / "dataset.json")
+            return description if isinstance(description, dict) else {}
+        if (folder / "label2id.json").is_file():
+            label2id = utils.load_json(folder / "label2id.json")
+            return {"labels": sorted(label2id, key=label2id.__getitem__)} if isinstance(label2id, dict) else {}
+    except (utils.InputError, OSError, TypeError):
+        pass
+    return {}
+
+
+def task_of(description: dict[str, Any], num_labels: Any) -> str:
+    """The task a run solved, as a name: its corpus (dataset.json's source: every fold and seed of one
+    corpus), else its label names (older datasets), else its number of labels (older runs elsewhere)."""
+    labels = description.get("labels")
+    if isinstance(description.get("source"), str) and isinstance(labels, list):
+        return f"{description.get('name', '?')} ({len(labels)} labels, {description['source'].removeprefix('sha256:')[:8]})"
+    if isinstance(labels, list):
+        return f"labels: {', '.join(map(str, labels))}"
+    return f"{num_labels} labels"
+
+
+def split_of(description: dict[str, Any], config: dict[str, Any]) -> str:
+    """Which split a run was trained and tested on: dataset.json's split (the default split and fold 0
+    are one split), else the dataset folder."""
+    split = description.get("split")
+    return split if isinstance(split, str) else os.path.normpath(config["dataset_dir"])
+
+
 def setting_of(config: dict[str, Any], repetitions: bool = True) -> dict[str, Any]:
     """The hyperparameters that define what a run learned: every field outside not_setting_fields
     (which leaves seed and dataset_dir in when `repetitions` is False).
@@ -182,6 +228,22 @@ def setting_of(config: dict[str, Any], repetitions: bool = True) -> dict[str, An
     }
 
 
+def set_aside_copies(runs: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Runs without copies, and (copy, kept run) pairs: of the runs with one setting, seed and split, the newest finished is kept.
+
+    Copies come from a rerun or a run copied back from a cluster; counting each would inflate n and
+    shrink the std. "Finished" is when test-metrics.json was written (train.py writes it last).
+    """
+    finished_at = runs["run_dir"].map(lambda run_dir: (Path(run_dir) / "test-metrics.json").stat().st_mtime_ns)
+    ordered = runs.assign(_finished=finished_at).sort_values(["_finished", "run_dir"], ascending=False, kind="stable")
+    kept, pairs = [], []
+    # dropna=False: a field that some runs lack (older train.py) is a value of its own, as in the settings.
+    for _, group in ordered.groupby([*keys, "seed", "_split"], dropna=False, sort=False):
+        kept.append(group.index[0])
+        pairs += [(copy, group["run_dir"].iloc[0]) for copy in group["run_dir"].iloc[1:]]
+    return runs.loc[sorted(kept)], sorted(pairs)
+
+
 def varying_fields(settings: pd.DataFrame) -> list[str]:
     """Setting fields (beyond model_name) whose values differ between runs, lr first.
 
@@ -195,7 +257,7 @@ def describe_grouping(varying: list[str], repetition_fields: tuple[str, ...] = R
     """One line telling the user how runs were grouped into settings."""
     return (
         f"settings differ in: {', '.join(varying) or 'nothing'} (beyond model_name); "
-        f"runs differing only in {' or '.join(repetition_fields)} are averaged"
+        f"runs differing only in {' or '.join(repetition_fields)} (folds of one task) are averaged"
     )
 
 
@@ -219,15 +281,18 @@ def summarize_settings(runs: pd.DataFrame, keys: list[str], scores: tuple[str, .
 
 
 def best_settings(settings: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Per model, the setting with the best mean val F1 (ties: lower lr, then the other keys); sorted by test F1."""
-    tie_breakers = [k for k in keys if k != "model_name"]
+    """Per model (and task, where runs solved several), the setting with the best mean val F1 (ties: lower lr,
+    then the other keys); sorted by task, then test F1."""
+    per = ["task", "model_name"] if "task" in keys else ["model_name"]
+    tie_breakers = [k for k in keys if k not in per]
     ranked = settings.sort_values(
-        ["model_name", "best-val-f1", *tie_breakers],
-        ascending=[True, False, *[True] * len(tie_breakers)],
+        [*per, "best-val-f1", *tie_breakers],
+        ascending=[*[True] * len(per), False, *[True] * len(tie_breakers)],
         kind="stable",
     )
-    best = ranked.drop_duplicates("model_name", keep="first")
-    return best.sort_values(["f1", "model_name"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    best = ranked.drop_duplicates(per, keep="first")
+    order = [*per[:-1], "f1", "model_name"]
+    return best.sort_values(order, ascending=[*[True] * (len(per) - 1), False, True], kind="stable").reset_index(drop=True)
 
 
 def is_hub_id(model_name: str, pattern: re.Pattern[str] = HUB_ID) -> bool:
@@ -240,11 +305,12 @@ def is_hub_id(model_name: str, pattern: re.Pattern[str] = HUB_ID) -> bool:
 
 
 def format_params(num_params: int) -> str:
-    """Parameters in whole millions, rounded down as the reference prints them: 559,890,432 is 559 M.
-
-    Small test models keep 2 significant digits (1.2 M) instead of showing 0 M.
-    """
-    return f"{num_params // 1_000_000} M" if num_params >= 10_000_000 else f"{num_params / 1e6:.2g} M"
+    """Parameters in millions, rounded down: whole millions as the reference prints them (559,890,432 is 559 M);
+    below 10 M two significant digits (812,345 is 0.81 M), so that small test models do not show as 0 M."""
+    if num_params >= 10_000_000 or num_params <= 0:
+        return f"{num_params // 1_000_000} M"
+    unit = 10 ** (len(str(num_params)) - 2)  # keeps the first two digits
+    return f"{num_params // unit * unit / 1e6:g} M"
 
 
 def format_score(mean: float, std: float, n_runs: int, bold: bool = False) -> str:
@@ -258,27 +324,32 @@ def format_score(mean: float, std: float, n_runs: int, bold: bool = False) -> st
 
 
 def markdown_table(best: pd.DataFrame, scores: tuple[str, ...] = SCORES) -> str:
-    """The reference's results table (Markdown), one row per model, best F1 in bold."""
-    lines = [
-        "| Model | Params | Accuracy | Precision | Recall | F1 | n |",
-        "| ----- | -----: | :------: | :-------: | :----: | :-: | -: |",
-    ]
-    best_f1 = best["f1"].max()
-    for row in best.to_dict("records"):
+    """The reference's results table (Markdown), one row per model, with its chosen lr as the reference printed it
+    (3e-05) and the number of runs; best F1 in bold (per task, with a Task column where runs solved several)."""
+    tasks = "task" in best.columns
+    header = ["Task"] * tasks + ["Model", "Params", "LR", "Accuracy", "Precision", "Recall", "F1", "n"]
+    align = ["----"] * tasks + ["-----", "-----:", "-:", ":------:", ":-------:", ":----:", ":-:", "-:"]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    best_f1 = best.groupby("task")["f1"].transform("max") if tasks else pd.Series(best["f1"].max(), index=best.index)
+    for (_, row), top in zip(best.iterrows(), best_f1):
         name = row["model_name"]
         model = f"[{name}](https://huggingface.co/{name})" if is_hub_id(name) else name
-        cells = [
-            format_score(row[s], row[f"{s}_std"], row["n_runs"], bold=(s == "f1" and row["f1"] == best_f1))
-            for s in scores
-        ]
-        lines.append(f"| {model} | {format_params(row['num_encoder_params'])} | {' | '.join(cells)} | {row['n_runs']} |")
+        cells = [format_score(row[s], row[f"{s}_std"], row["n_runs"], bold=(s == "f1" and row["f1"] == top)) for s in scores]
+        task = f"| {row['task']} " if tasks else ""
+        lines.append(f"{task}| {model} | {format_params(row['num_encoder_params'])} | {row['lr']} | {' | '.join(cells)} | {row['n_runs']} |")
     return "\n".join(lines) + "\n"
 
 
 def best_setting_runs(runs: pd.DataFrame, best: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """model_name and run_dir of every run of each model's best setting, models in best.csv's order."""
+    """model_name and run_dir of every run of each model's best setting, models in best.csv's order.
+
+    Where runs solved several tasks, the model's name carries its task: "model [task]".
+    """
     # An inner merge keeps the left side's order; NaN keys (a field some runs lack) match each other.
-    return best[keys].merge(runs[[*keys, "run_dir"]], on=keys, how="inner")[["model_name", "run_dir"]]
+    members = best[keys].merge(runs[[*keys, "run_dir"]], on=keys, how="inner")
+    if "task" in keys:
+        members["model_name"] = members["model_name"] + " [" + members["task"] + "]"
+    return members[["model_name", "run_dir"]]
 
 
 def read_run_tables(members: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -332,7 +403,7 @@ def main(args: Args) -> None:
         raise utils.InputError(f"{args.input_dir} is not a folder; run src/train.py first (it writes runs there)")
 
     # Read every finished run; report broken ones and go on.
-    rows, settings, unfinished, broken = [], [], 0, 0
+    rows, settings, splits, unfinished, broken = [], [], [], 0, 0
     for run_dir in find_run_dirs(args.input_dir):
         if not is_finished(run_dir):
             unfinished += 1
@@ -343,8 +414,10 @@ def main(args: Args) -> None:
             print(f"skipped {run_dir}: {e}", file=sys.stderr)
             broken += 1
             continue
+        description = dataset_of(config)
         rows.append(run_row(run_dir, config, val, test))
-        settings.append(setting_of(config))
+        settings.append({**setting_of(config), "task": task_of(description, config.get("num_labels"))})
+        splits.append(split_of(description, config))
     print(
         f"read {len(rows)} finished runs under {args.input_dir}; "
         f"skipped {unfinished} unfinished, {broken} unreadable"
@@ -362,7 +435,12 @@ def main(args: Args) -> None:
     for position, field in enumerate(extra, start=runs.columns.get_loc("lr") + 1):
         runs.insert(position, field, setting_table[field])
     keys = ["model_name", "lr", *extra]
-    runs = runs.sort_values([*keys, "dataset", "seed", "run_dir"], kind="stable").reset_index(drop=True)
+
+    # Copies of one run (a rerun, a folder copied back from a cluster) count once.
+    runs, copies = set_aside_copies(runs.assign(_split=splits), keys)
+    for copy, kept in copies:
+        print(f"set aside {copy}: a copy of {kept} (same setting, seed and split; that one finished later)")
+    runs = runs.drop(columns="_split").sort_values([*keys, "dataset", "seed", "run_dir"], kind="stable").reset_index(drop=True)
 
     best = best_settings(summarize_settings(runs, keys), keys)
     table = markdown_table(best)
@@ -370,7 +448,8 @@ def main(args: Args) -> None:
     # Figures of results/, from the files of the best settings' runs.
     logs, reports = read_run_tables(best_setting_runs(runs, best, keys))
     curves, per_class = mean_curves(logs), per_class_table(reports)
-    figures = {"best.png": plot.best_figure(best)}
+    named = best.assign(model_name=best["model_name"] + " [" + best["task"] + "]") if "task" in keys else best
+    figures = {"best.png": plot.best_figure(named)}
     if not curves.empty:
         figures["curves.png"] = plot.model_curves_figure(curves)
     if not per_class.empty:

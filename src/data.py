@@ -1,6 +1,6 @@
 """The prepared dataset as training and prediction read it: splits, labels, batches.
 
-A dataset folder holds {train,val,test}.jsonl and label2id.json, as prepare.py writes them.
+A dataset folder holds {train,val,test}.jsonl, label2id.json and dataset.json, as prepare.py writes them.
 Examples (token ids, label, position) come from tokenization.py; here they are padded into batches.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,21 @@ def load_label2id(dataset_dir: Path) -> dict[str, int]:
     if sorted(label2id.values()) != list(range(len(label2id))):
         raise InputError(f"{path}: ids must be 0..{len(label2id) - 1}, got {sorted(label2id.values())}")
     return label2id
+
+
+def load_description(dataset_dir: Path, label2id: dict[str, int]) -> dict[str, Any]:
+    """What the dataset is (dataset.json: its corpus and split fingerprints, fold, label names), for config.json.
+
+    aggregate.py averages runs over the folds of one corpus and never across corpora. A dataset
+    prepared before prepare.py wrote dataset.json is described by its label names alone.
+    """
+    path = dataset_dir / "dataset.json"
+    if not path.is_file():
+        return {"labels": sorted(label2id, key=label2id.__getitem__)}
+    description = utils.load_json(path)
+    if not isinstance(description, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(description).__name__}; run src/prepare.py again")
+    return description
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -2,6 +2,9 @@
 
     poetry run python src/plot.py --run_dirs outputs/*/*/*     # redraw curves.png and test-confusion-matrix.png
 
+Paths that are not run folders (the sweep's logs) and unfinished runs are skipped with a count; the exit
+code is 0 when every finished run was drawn.
+
 train.py draws a run's figures when it finishes and aggregate.py draws those of results/, both with
 the functions below. This stage redraws a run's figures from its files: for runs made before figures
 existed, copied from a cluster, or after a change of style here. It reads config.json, log.csv,
@@ -14,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib_fontja  # noqa: F401 (registers the IPAexGothic font its wheel ships)
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
@@ -25,29 +30,49 @@ import utils
 
 RUN_FIGURES = ("curves.png", "test-confusion-matrix.png")
 DPI = 150  # sharp enough for slides, small enough for a repository
+JAPANESE_FONT = "IPAexGothic"  # the font matplotlib_fontja ships
+
+# matplotlib's default font first, so figures of Latin names are drawn exactly as before; a glyph it lacks
+# (Japanese category names) falls back to the Japanese font instead of a box. Set here because
+# matplotlib_fontja's import sets IPAexGothic alone, which would change every figure's Latin text.
+matplotlib.rcParams["font.family"] = ["sans-serif", JAPANESE_FONT]
 
 
 class Args(Tap):
-    run_dirs: list[Path]  # run folders of train.py (config.json, log.csv, val-metrics.json, test-confusion-matrix.csv) whose figures are redrawn
+    run_dirs: list[Path]  # run folders of train.py whose figures are redrawn (outputs/*/*/* is fine: other folders and unfinished runs are skipped and counted)
 
 
 # --- reading run files ------------------------------------------------------------------------
 
 
+def as_numbers(column: pd.Series, kind: type = float) -> pd.Series | None:
+    """A column of text cells as numbers of `kind` (float: an empty cell or nan is NaN), or None if a cell is not one."""
+    try:
+        return column.map(lambda cell: kind(cell) if cell.strip() or kind is not float else np.nan).astype(kind)
+    except ValueError:
+        return None
+
+
 def read_table(path: Path, columns: tuple[str, ...], index_col: int | None = None) -> pd.DataFrame:
-    """A CSV file of a run with the columns a figure needs; InputError names the file and what is wrong."""
+    """A CSV file of a run with the number columns a figure needs; InputError names the file and what is wrong.
+
+    Every other cell, the index (category names) included, stays the text it is: pandas would read
+    the names 0, 1.0 and True as numbers and NA, null, nan and None as missing values.
+    """
     if not path.is_file():
         raise utils.InputError(f"{path} is missing")
     try:
-        table = pd.read_csv(path, encoding="utf-8", index_col=index_col)
+        table = pd.read_csv(path, encoding="utf-8", index_col=index_col, dtype=str, keep_default_na=False)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
         raise utils.InputError(f"{path}: not a readable CSV file ({utils.first_line(e)})") from None
     missing = [column for column in columns if column not in table.columns]
     if missing:
         raise utils.InputError(f"{path}: missing column(s) {', '.join(missing)}")
     for column in columns:
-        if not pd.api.types.is_numeric_dtype(table[column]):
+        numbers = as_numbers(table[column])
+        if numbers is None:
             raise utils.InputError(f"{path}: column {column} holds something other than numbers")
+        table[column] = numbers
     return table
 
 
@@ -60,9 +85,10 @@ def read_confusion(run_dir: Path) -> pd.DataFrame:
     """test-confusion-matrix.csv: counts, rows the true category, columns the predicted one."""
     path = run_dir / "test-confusion-matrix.csv"
     matrix = read_table(path, (), index_col=0)
-    if list(matrix.index) != list(matrix.columns) or not all(pd.api.types.is_integer_dtype(t) for t in matrix.dtypes):
+    counts = [as_numbers(matrix[column], int) for column in matrix.columns]
+    if list(matrix.index) != list(matrix.columns) or any(c is None for c in counts):
         raise utils.InputError(f"{path}: expected a square table of counts with the same categories as rows and columns")
-    return matrix
+    return pd.DataFrame(dict(zip(matrix.columns, counts)), index=matrix.index)
 
 
 def class_percent(matrix: pd.DataFrame) -> pd.DataFrame:
@@ -158,18 +184,25 @@ def best_figure(best: pd.DataFrame) -> Figure:
     y = np.arange(len(best))
     figure = new_figure(9, 1.3 + 0.42 * len(best))
     axes = figure.subplots()
-    axes.barh(y, f1, color="tab:blue")
+    bars = axes.barh(y, f1, color="tab:blue")
     axes.errorbar(f1[n_runs > 1], y[n_runs > 1], xerr=std[n_runs > 1], fmt="none", ecolor="black", capsize=3)
+    labels = []
     for i in y:
         label = f"{f1[i]:.2f}" + (f" ± {std[i]:.2f}" if n_runs[i] > 1 else "") + f"  (n={n_runs[i]})"
         # At the base of the bar: never under an error bar, never past the axis.
-        axes.text(1, i, label, va="center", ha="left", color="white", fontsize=9, fontweight="bold")
+        labels.append(axes.text(1, i, label, va="center", ha="left", color="white", fontsize=9, fontweight="bold"))
     axes.set_yticks(y, [short_name(name) for name in best["model_name"]])
     axes.invert_yaxis()  # best model on top, as in best.csv
     axes.set_xlim(0, 100)
     axes.set_xlabel("test macro-F1 (%), mean ± std over runs")
     axes.grid(axis="x", alpha=0.3)
     axes.set_title("best setting per model (by mean val macro-F1)")
+    # A label longer than its bar would be white on white: it goes in black after the bar (and its error bar).
+    figure.draw_without_rendering()  # lays the figure out, so that sizes on the canvas are known
+    renderer = figure.canvas.get_renderer()
+    for label, bar, end in zip(labels, bars, f1 + std):
+        if label.get_window_extent(renderer).x1 > bar.get_window_extent(renderer).x1:
+            label.set(x=end + 1, color="black")
     return figure
 
 
@@ -250,9 +283,26 @@ def draw_run(run_dir: Path) -> list[Path]:
     return [run_dir / name for name in figures]
 
 
+def sort_paths(paths: list[Path]) -> tuple[list[Path], list[Path], list[Path]]:
+    """(finished runs, unfinished runs, paths that are no run folder) of `paths`, each in the given order.
+
+    A glob such as outputs/*/*/* also matches the sweep's log folders: a run folder holds config.json
+    (train.py writes it first) and is finished once it holds test-metrics.json (written last).
+    """
+    runs = [path for path in paths if (path / "config.json").is_file()]
+    finished = [run for run in runs if (run / "test-metrics.json").is_file()]
+    unfinished = [run for run in runs if run not in finished]
+    return finished, unfinished, [path for path in paths if path not in runs]
+
+
 def main(args: Args) -> None:
+    finished, unfinished, not_runs = sort_paths(args.run_dirs)
+    if not_runs or unfinished:
+        print(f"skipped {len(not_runs)} paths that are not run folders (no config.json) and {len(unfinished)} unfinished runs (no test-metrics.json)")
+    if not finished:
+        raise utils.InputError(f"no finished run among the {len(args.run_dirs)} paths given; run folders look like outputs/<model>/<date>/<time>")
     failed = 0
-    for run_dir in args.run_dirs:
+    for run_dir in finished:
         try:
             paths = draw_run(run_dir)
         except utils.InputError as e:
@@ -261,7 +311,7 @@ def main(args: Args) -> None:
             continue
         print(f"wrote {', '.join(str(p) for p in paths)}")
     if failed:
-        raise utils.InputError(f"{failed} of {len(args.run_dirs)} run folders could not be drawn (reasons above)")
+        raise utils.InputError(f"{failed} of {len(finished)} finished runs could not be drawn (reasons above)")
 
 
 if __name__ == "__main__":

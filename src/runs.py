@@ -68,10 +68,11 @@ def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
 
 def run_config(
     args: Tap, runtime_options: Sequence[str], num_params: int, num_encoder_params: int, num_labels: int, run_dir: Path,
-    device: torch.device, dtype: torch.dtype, world_size: int,
+    device: torch.device, dtype: torch.dtype, world_size: int, dataset: dict[str, Any],
 ) -> dict:
     """Every argument with its JSON type, the names of those that are runtime options (not settings),
-    plus what is needed to read the run later.
+    plus what is needed to read the run later: among it the dataset's description (data.load_description),
+    by which aggregate.py tells tasks apart.
 
     The process count is a setting, not an environment detail: it multiplies the effective batch
     and divides the optimizer steps, so runs with different counts are different experiments.
@@ -92,7 +93,8 @@ def run_config(
     }
     return {
         **config, "runtime_options": list(runtime_options), "world_size": world_size, "num_params": num_params,
-        "num_encoder_params": num_encoder_params, "num_labels": num_labels, "run_dir": str(run_dir), "environment": environment,
+        "num_encoder_params": num_encoder_params, "num_labels": num_labels, "dataset": dataset, "run_dir": str(run_dir),
+        "environment": environment,
     }  # fmt: skip
 
 

@@ -35,7 +35,7 @@ from transformers.optimization import get_linear_schedule_with_warmup
 import plot
 import tokenization
 import utils
-from data import SPLITS, collate, load_label2id, load_split, shard_by_length
+from data import SPLITS, collate, load_description, load_label2id, load_split, shard_by_length
 from distributed import init_distributed, leaves_process_group, on_rank_0
 from evaluation import evaluate
 from modeling import (
@@ -175,6 +175,7 @@ def main(args: Args) -> Path:
     label2id = load_label2id(args.dataset_dir)
     id2label = {i: label for label, i in label2id.items()}
     rows = {split: load_split(args.dataset_dir, split, args.text_fields, len(label2id)) for split in SPLITS}
+    dataset = load_description(args.dataset_dir, label2id)
 
     tokenizer, model = load_model(args.model_name, label2id, args.reinit_head)
     positions = check_max_seq_len(args.max_seq_len, model, tokenizer, args.model_name)
@@ -184,7 +185,7 @@ def main(args: Args) -> Path:
     # The settings are on disk before any training: a crashed run still says what it was.
     def start_run_folder() -> Path:
         run_dir = make_run_dir(args.output_root, args.model_name)
-        config = run_config(args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size)
+        config = run_config(args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, dataset)
         utils.save_json(config, run_dir / "config.json")
         return run_dir
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -188,12 +189,12 @@ def test_best_md_is_the_reference_table(results: tuple) -> None:
     results_dir, out, *_ = results
     table = (results_dir / "best.md").read_text(encoding="utf-8")
     assert table == (
-        "| Model | Params | Accuracy | Precision | Recall | F1 | n |\n"
-        "| ----- | -----: | :------: | :-------: | :----: | :-: | -: |\n"
-        f"| [{LUKE}](https://huggingface.co/{LUKE}) | 133 M | 97.50 ± 0.71 | 97.00 ± 0.71 "
+        "| Model | Params | LR | Accuracy | Precision | Recall | F1 | n |\n"
+        "| ----- | -----: | -: | :------: | :-------: | :----: | :-: | -: |\n"
+        f"| [{LUKE}](https://huggingface.co/{LUKE}) | 133 M | 3e-05 | 97.50 ± 0.71 | 97.00 ± 0.71 "
         "| 96.50 ± 0.71 | **97.00** ± 0.28 | 2 |\n"
-        f"| {LOCAL} | 1.2 M | 96.00 ± 0.28 | 95.40 ± 0.57 | 95.40 ± 0.42 | 95.90 ± 0.28 | 2 |\n"
-        f"| [{BERT}](https://huggingface.co/{BERT}) | 111 M | 95.60 ± 0.71 | 95.00 ± 0.71 "
+        f"| {LOCAL} | 1.2 M | 3e-05 | 96.00 ± 0.28 | 95.40 ± 0.57 | 95.40 ± 0.42 | 95.90 ± 0.28 | 2 |\n"
+        f"| [{BERT}](https://huggingface.co/{BERT}) | 111 M | 3e-05 | 95.60 ± 0.71 | 95.00 ± 0.71 "
         "| 95.00 ± 0.28 | 95.50 ± 0.71 | 2 |\n"
     )
     assert table in out  # the summary prints the table
@@ -394,8 +395,8 @@ def test_unknown_argument_splits_settings_and_single_runs_have_no_std(
     assert best_text.splitlines()[1].endswith(",0.96,")  # NaN std: an empty cell
     table = (tmp_path / "results" / "best.md").read_text(encoding="utf-8")
     assert "±" not in table
-    assert f"| [{BERT}](https://huggingface.co/{BERT}) | 111 M | 96.00 | 96.00 | 96.00 | **96.00** | 1 |" in table
-    assert f"| {LOCAL} | 1.2 M | 91.00 | 91.00 | 91.00 | 91.00 | 1 |" in table
+    assert f"| [{BERT}](https://huggingface.co/{BERT}) | 111 M | 3e-05 | 96.00 | 96.00 | 96.00 | **96.00** | 1 |" in table
+    assert f"| {LOCAL} | 1.2 M | 1e-05 | 91.00 | 91.00 | 91.00 | 91.00 | 1 |" in table
     # The figures find the runs of each best setting, also where a setting field is missing (NaN).
     per_class = pd.read_csv(tmp_path / "results" / "per-class.csv")
     assert list(per_class["model_name"]) == [BERT, LOCAL] and list(per_class["n_runs"]) == [1, 1]
@@ -447,7 +448,12 @@ def test_a_local_folder_named_like_a_hub_id_is_not_linked(tmp_path: Path, monkey
 
 
 @pytest.mark.parametrize(
-    ("num_params", "text"), [(111_207_177, "111 M"), (559_890_432, "559 M"), (177_853_440, "177 M"), (1_234_567, "1.2 M"), (52_000, "0.052 M")]
+    ("num_params", "text"),
+    [
+        (111_207_177, "111 M"), (559_890_432, "559 M"), (177_853_440, "177 M"), (10_000_000, "10 M"),
+        # Below 10 M: two significant digits, also rounded down (README: "floored").
+        (9_990_000, "9.9 M"), (1_234_567, "1.2 M"), (999_999, "0.99 M"), (812_345, "0.81 M"), (52_000, "0.052 M"),
+    ],  # fmt: skip
 )
 def test_format_params(num_params: int, text: str) -> None:
     assert aggregate.format_params(num_params) == text
@@ -501,3 +507,80 @@ def test_a_listed_runtime_option_does_not_split_settings(tmp_path: Path, capsys:
     assert "settings differ in: nothing" in capsys.readouterr().out
     best = pd.read_csv(tmp_path / "results" / "best.csv")
     assert list(best["n_runs"]) == [2] and "profile_dir" not in best.columns and "runtime_options" not in best.columns
+
+
+# --- copies and tasks -------------------------------------------------------------------------
+
+
+def description(name: str, source: str, split: str, labels: list[str], fold: int | None = 0) -> dict:
+    """The dataset.json of prepare.py, as train.py records it in config.json."""
+    return {"name": name, "source": f"sha256:{source * 64}"[:71], "split": f"sha256:{split * 64}"[:71], "fold": fold, "labels": labels}
+
+
+def finish_at(run_dir: Path, seconds: int) -> None:
+    """Pretend the run finished at `seconds` (test-metrics.json's time)."""
+    os.utime(run_dir / "test-metrics.json", ns=(seconds * 10**9, seconds * 10**9))
+
+
+def test_copies_of_a_run_count_once_the_newest_finished(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = tmp_path / "outputs"
+    livedoor = description("livedoor", "a", "0", CATEGORIES)
+    # A run, its copy (rerun by hand, copied back from a cluster) that finished later, and a run of another seed.
+    old = make_run(outputs, BERT, 3e-5, seed=1, scores=(0.9, 0.80, 0.80, 0.80, 0.80), dataset=livedoor)
+    new = make_run(outputs, BERT, 3e-5, seed=1, scores=(0.9, 0.90, 0.90, 0.90, 0.90), dataset=livedoor, device="cpu")
+    other_seed = make_run(outputs, BERT, 3e-5, seed=2, scores=(0.9, 0.92, 0.92, 0.92, 0.92), dataset=livedoor)
+    # The same split under another folder (the default split and folds/0): a copy too.
+    fold_0 = make_run(outputs, BERT, 3e-5, seed=2, scores=(0.9, 0.5, 0.5, 0.5, 0.5), dataset_dir="datasets/livedoor/folds/0", dataset=livedoor)
+    for seconds, run in enumerate((old, new, fold_0, other_seed), start=1000):
+        finish_at(run, seconds)
+    run_aggregate(outputs, tmp_path / "results")
+    out = capsys.readouterr().out
+    assert f"set aside {old}: a copy of {new} (same setting, seed and split; that one finished later)" in out
+    assert f"set aside {fold_0}: a copy of {other_seed}" in out
+    all_runs = pd.read_csv(tmp_path / "results" / "all.csv")
+    assert sorted(all_runs["run_dir"]) == sorted([str(new), str(other_seed)])
+    best = pd.read_csv(tmp_path / "results" / "best.csv")
+    assert best.loc[0, "n_runs"] == 2 and best.loc[0, "f1"] == pytest.approx(0.91)  # not n=4
+
+
+def test_different_tasks_are_never_averaged_but_folds_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = tmp_path / "outputs"
+    for fold in (0, 1):  # two folds of livedoor: repetitions of one task
+        make_run(outputs, BERT, 3e-5, seed=42, dataset_dir=f"datasets/livedoor/folds/{fold}", scores=(0.9, 0.9, 0.9, 0.9, 0.9 + fold / 100),
+                 dataset=description("livedoor", "a", str(fold), CATEGORIES, fold))  # fmt: skip
+    make_run(outputs, BERT, 3e-5, seed=42, dataset_dir="datasets/reviews", scores=(0.6, 0.6, 0.6, 0.6, 0.6), num_labels=2,
+             dataset=description("reviews", "b", "c", ["neg", "pos"]))  # fmt: skip
+    run_aggregate(outputs, tmp_path / "results")
+    out = capsys.readouterr().out
+    assert "settings differ in: task (beyond model_name)" in out
+    best = pd.read_csv(tmp_path / "results" / "best.csv", keep_default_na=False)
+    assert list(best["task"]) == ["livedoor (3 labels, aaaaaaaa)", "reviews (2 labels, bbbbbbbb)"]
+    assert list(best["n_runs"]) == [2, 1] and list(best["f1"]) == pytest.approx([0.905, 0.6])  # not 80.33 ± 17.32, n 3
+    table = (tmp_path / "results" / "best.md").read_text(encoding="utf-8")
+    assert table.splitlines()[0] == "| Task | Model | Params | LR | Accuracy | Precision | Recall | F1 | n |"
+    assert f"| reviews (2 labels, bbbbbbbb) | [{BERT}](https://huggingface.co/{BERT}) | 111 M | 3e-05 | 60.00 | 60.00 | 60.00 | **60.00** | 1 |" in table
+    per_class = pd.read_csv(tmp_path / "results" / "per-class.csv")
+    assert list(per_class["model_name"]) == [f"{BERT} [livedoor (3 labels, aaaaaaaa)]", f"{BERT} [reviews (2 labels, bbbbbbbb)]"]
+
+
+def test_runs_of_older_datasets_are_told_apart_by_their_label2id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No dataset.json recorded: the dataset folder's label2id.json, as it is now, names the task."""
+    outputs = tmp_path / "outputs"
+    for name, labels in (("livedoor", CATEGORIES), ("reviews", ["neg", "pos"])):
+        utils.save_json({label: i for i, label in enumerate(labels)}, tmp_path / name / "label2id.json")
+        make_run(outputs, BERT, 3e-5, seed=1, dataset_dir=str(tmp_path / name))
+    make_run(outputs, BERT, 3e-5, seed=2, dataset_dir=str(tmp_path / "livedoor"))
+    run_aggregate(outputs, tmp_path / "results")
+    best = pd.read_csv(tmp_path / "results" / "best.csv").set_index("task")
+    assert best.loc[f"labels: {', '.join(CATEGORIES)}", "n_runs"] == 2 and best.loc["labels: neg, pos", "n_runs"] == 1
+
+
+def test_category_names_that_look_like_numbers_or_missing_values_stay_names(tmp_path: Path) -> None:
+    names = ["0", "1.0", "True", "NA", "null", "nan", "None"]
+    run = make_run(tmp_path / "outputs", BERT, 3e-5, seed=1)
+    utils.save_csv(["category", "f1", "support"], ([name, i / 10, 3] for i, name in enumerate(names)), run / "test-per-class.csv")
+    run_aggregate(tmp_path / "outputs", tmp_path / "results")
+    header = (tmp_path / "results" / "per-class.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header == "model_name,n_runs," + ",".join(names)  # NA used to drop out, 0 and 1.0 became numbers
+    per_class = pd.read_csv(tmp_path / "results" / "per-class.csv", dtype=str, keep_default_na=False)
+    assert [float(per_class.loc[0, name]) for name in names] == pytest.approx([i / 10 for i in range(len(names))])

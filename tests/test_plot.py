@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,19 +138,46 @@ def test_redraw_command_reports_each_broken_run_and_fails(finished_run: Path, tm
     good = copy_run(finished_run, tmp_path / "good")
     no_log = copy_run(finished_run, tmp_path / "no-log")
     (no_log / "log.csv").unlink()
-    unfinished = copy_run(finished_run, tmp_path / "unfinished")
-    (unfinished / "test-confusion-matrix.csv").unlink()
-    command = [sys.executable, "src/plot.py", "--run_dirs", str(good), str(no_log), str(unfinished)]
+    no_matrix = copy_run(finished_run, tmp_path / "no-matrix")
+    (no_matrix / "test-confusion-matrix.csv").unlink()
+    command = [sys.executable, "src/plot.py", "--run_dirs", str(good), str(no_log), str(no_matrix)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"skipped {no_log}: {no_log / 'log.csv'} is missing",
-        f"skipped {unfinished}: {unfinished / 'test-confusion-matrix.csv'} is missing",
-        "error: 2 of 3 run folders could not be drawn (reasons above)",
+        f"skipped {no_matrix}: {no_matrix / 'test-confusion-matrix.csv'} is missing",
+        "error: 2 of 3 finished runs could not be drawn (reasons above)",
     ]
     assert result.stdout == f"wrote {good / 'curves.png'}, {good / 'test-confusion-matrix.png'}\n"
     assert_png(good / "curves.png")
-    assert not list(no_log.glob("*.png")) and not list(unfinished.glob("*.png"))  # all or nothing per run
+    assert not list(no_log.glob("*.png")) and not list(no_matrix.glob("*.png"))  # all or nothing per run
+
+
+def test_redraw_after_a_sweep_skips_logs_and_unfinished_runs(finished_run: Path, tmp_path: Path) -> None:
+    """outputs/*/*/* also matches the sweep's logs, and a sweep leaves unfinished runs: neither is a failure."""
+    outputs = tmp_path / "outputs"
+    good = copy_run(finished_run, outputs / "tiny-bert" / "2026-01-01" / "12-00-00.000001")
+    unfinished = copy_run(finished_run, outputs / "tiny-bert" / "2026-01-01" / "12-00-01.000002")
+    (unfinished / "test-metrics.json").unlink()
+    logs = outputs / "sweep-logs" / "2026-01-01_12-00-00"
+    (logs / "slurm").mkdir(parents=True)
+    (logs / "1_tiny-bert_lr=0.005_seed=42_livedoor.log").write_text("epoch 1\n", encoding="utf-8")
+    paths = sorted(outputs.glob("*/*/*"))  # what the shell's outputs/*/*/* gives
+    assert len(paths) == 4
+    command = [sys.executable, "src/plot.py", "--run_dirs", *map(str, paths)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        "skipped 2 paths that are not run folders (no config.json) and 1 unfinished runs (no test-metrics.json)",
+        f"wrote {good / 'curves.png'}, {good / 'test-confusion-matrix.png'}",
+    ]
+    assert not list(unfinished.glob("*.png"))
+
+
+def test_redraw_with_no_finished_run_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "sweep-logs").mkdir()
+    with pytest.raises(utils.InputError, match=r"^no finished run among the 2 paths given"):
+        plot.main(plot.Args().parse_args(["--run_dirs", str(tmp_path / "sweep-logs"), str(tmp_path / "typo")]))
 
 
 @pytest.mark.parametrize(
@@ -165,3 +195,59 @@ def test_a_broken_run_file_is_named(finished_run: Path, tmp_path: Path, name: st
     with pytest.raises(utils.InputError, match="^" + re.escape(f"{copy}/{reason}")):
         plot.draw_run(copy)
 
+
+
+# --- category names -------------------------------------------------------------------------
+
+ODD_NAMES = ["0", "1.0", "True", "NA", "null", "nan", "None"]  # pandas would guess numbers, booleans and missing values
+
+
+def test_names_that_look_like_numbers_or_missing_values_are_names(finished_run: Path, tmp_path: Path) -> None:
+    copy = copy_run(finished_run, tmp_path / "run")
+    counts = np.eye(len(ODD_NAMES), dtype=int) * 3
+    utils.save_csv(["true \\ predicted", *ODD_NAMES], ([name, *row] for name, row in zip(ODD_NAMES, counts.tolist())), copy / "test-confusion-matrix.csv")
+    plot.draw_run(copy)  # refused before: the rows 0, 1.0, True were numbers, NA... missing, the columns text
+    matrix = plot.read_confusion(copy)
+    assert list(matrix.index) == ODD_NAMES and list(matrix.columns) == ODD_NAMES
+    axes = plot.run_figures(copy)["test-confusion-matrix.png"].axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ODD_NAMES
+    assert [t.get_text() for t in axes.get_yticklabels()] == ODD_NAMES
+
+
+def draw_png(figure) -> list[str]:
+    """Render a figure to PNG bytes in memory; return the messages of the warnings raised while drawing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.savefig(io.BytesIO(), format="png")
+    return [str(w.message) for w in caught]
+
+
+def test_japanese_names_draw_as_text_with_no_configuration() -> None:
+    names = ["スポーツ", "政治・経済", "ＩＴ", "映画"]
+    matrix = pd.DataFrame(np.eye(4, dtype=int), index=names, columns=names)
+    figure = plot.confusion_figure(matrix, "日本語のタイトル")
+    messages = draw_png(figure)
+    assert not [m for m in messages if "missing from font" in m], messages  # DejaVu Sans alone: "Glyph 12473 ... missing"
+    per_class = pd.DataFrame({"model_name": ["cl-tohoku/bert-base-japanese-v3"], "n_runs": [1], **{n: [0.9] for n in names}})
+    assert not [m for m in draw_png(plot.per_class_figure(per_class)) if "missing from font" in m]
+
+
+def test_latin_names_draw_exactly_as_with_matplotlibs_default_font(tmp_path: Path) -> None:
+    """The Japanese font is only a fallback: the livedoor figures are unchanged."""
+    matrix = pd.DataFrame([[5, 1], [0, 4]], index=CATEGORIES[:2], columns=CATEGORIES[:2])
+    plot.save_png(plot.confusion_figure(matrix, "cl-tohoku/bert-base-japanese-v3"), tmp_path / "fallback.png")
+    with matplotlib.rc_context({"font.family": ["sans-serif"]}):  # matplotlib's default
+        plot.save_png(plot.confusion_figure(matrix, "cl-tohoku/bert-base-japanese-v3"), tmp_path / "default.png")
+    assert (tmp_path / "fallback.png").read_bytes() == (tmp_path / "default.png").read_bytes()
+
+
+# --- best.png ---------------------------------------------------------------------------------
+
+
+def test_the_value_of_a_short_bar_is_readable() -> None:
+    best = pd.DataFrame({"model_name": ["good", "poor", "poor-spread"], "f1": [0.95, 0.05, 0.10], "f1_std": [np.nan, np.nan, 0.02], "n_runs": [1, 1, 3]})
+    axes = plot.best_figure(best).axes[0]
+    good, poor, spread = axes.texts
+    assert (good.get_position()[0], good.get_color()) == (1, "white")  # inside its bar
+    assert (poor.get_position()[0], poor.get_color()) == (pytest.approx(6), "black")  # after the bar, on white
+    assert (spread.get_position()[0], spread.get_color()) == (pytest.approx(13), "black")  # after the error bar

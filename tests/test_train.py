@@ -127,6 +127,14 @@ def test_config_is_written_with_json_types_and_rebuilds_the_args(finished_run: P
     assert {k: str(v) if isinstance(v, Path) else v for k, v in rebuilt.as_dict().items()} == {k: config[k] for k in fields}
 
 
+def test_config_records_what_the_dataset_is(finished_run: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    """aggregate.py tells tasks apart by it, also for runs copied to a machine without the dataset."""
+    assert read_json(finished_run / "config.json")["dataset"] == read_json(dataset_dir / "dataset.json")
+    older = tmp_path / "older"  # prepared before prepare.py wrote dataset.json: the label names alone
+    older.mkdir()
+    assert data.load_description(older, {"b": 1, "a": 0, "c": 2}) == {"labels": ["a", "b", "c"]}
+
+
 def test_config_is_written_before_training(make_train_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(*args, **kwargs):
         raise RuntimeError("crashed while tokenising")
