@@ -52,6 +52,15 @@ def on_rank_0(work: Callable[[], Any], rank: int, world_size: int) -> Any:
     return box[0]
 
 
+def gather_on_every_rank(item: Any, world_size: int) -> list[Any]:
+    """Every process's `item` (a picklable object), in rank order, on every process."""
+    if world_size == 1:
+        return [item]
+    items: list[Any] = [None] * world_size
+    dist.all_gather_object(items, item)
+    return items
+
+
 def leaves_process_group(main: Callable[..., Any]) -> Callable[..., Any]:
     """Destroy the process group when `main` ends, whether it returns or raises, so no rank leaves it dangling."""
 

@@ -1,20 +1,23 @@
-"""The run folder and its records: its name, config.json, log.csv and the test outputs.
+"""The run folder and its records: its name, config.json, log.csv, the checkpoint and the test outputs.
 
-A run folder is OUTPUT_ROOT/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/; test-metrics.json, written last,
-marks it finished.
+A run folder is OUTPUT_ROOT/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/. It is FINISHED when it has
+test-metrics.json (written last), and RESUMABLE when it has config.json and checkpoint.pt but no
+test-metrics.json: `train.py --resume RUN_DIR` continues it from the end of its last complete epoch.
 """
 
 from __future__ import annotations
 
-import csv
 import os
+import pickle
 import platform
+import random
 import subprocess
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -23,6 +26,7 @@ from tap import Tap
 import utils
 from utils import InputError
 
+CHECKPOINT = "checkpoint.pt"
 
 def run_dir_name(model_name: str, now: datetime) -> Path:
     """<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>: hub names with / as __, local folders by their name."""
@@ -98,13 +102,10 @@ def run_config(
     }  # fmt: skip
 
 
-def append_log(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def save_log(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """log.csv, a row per evaluation so far; rewritten whole (atomically), so it never ends in half a row."""
+    header = list(rows[0])
+    utils.save_csv(header, ([row[key] for key in header] for row in rows), run_dir / "log.csv")
 
 
 def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict], id2label: dict[int, str]) -> None:
@@ -130,3 +131,88 @@ def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict],
         ([name, *counts] for name, counts in zip(names, matrix.tolist())),
         run_dir / "test-confusion-matrix.csv",
     )
+
+
+# --- checkpoint and resume ----------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random number generators: Python's, NumPy's, torch's and the accelerator's.
+
+    Plain types and tensors only, so that the checkpoint loads with torch.load(weights_only=True).
+    """
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what rng_state saved (the accelerator's too, where this run has the same kind)."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def checkpoint_state(
+    epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler, best_epoch: int, best_f1: float, best_model: dict[str, torch.Tensor], log_rows: list[dict[str, Any]],
+    rng: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Everything the epochs after `epoch` depend on: the weights and the optimizer's moments, the schedule, the fp16
+    loss scale, the best epoch so far with its weights, the log rows, and each process's random generators (`rng`,
+    in rank order). The training order needs nothing more: the sampler derives it from the seed and the epoch."""
+    return {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "best_epoch": best_epoch, "best_f1": best_f1, "best_model": best_model, "log": log_rows, "rng": rng,
+    }  # fmt: skip
+
+
+def save_checkpoint(run_dir: Path, checkpoint: dict[str, Any]) -> None:
+    """RUN_DIR/checkpoint.pt, written beside it and renamed into place: it replaces the previous one
+    only once complete, so a kill at any moment leaves the last complete checkpoint."""
+    with utils.atomic_path(run_dir / CHECKPOINT) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """What save_checkpoint wrote, on the CPU. Memory-mapped (privately: writes never reach the file), so
+    tensors are read as they are copied into the model and optimizer, and torchrun processes share the pages."""
+    path = run_dir / CHECKPOINT
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise InputError(f"{path} cannot be read ({type(e).__name__}: {utils.first_line(e)}); start the run again without --resume") from None
+
+
+def remove_checkpoint(run_dir: Path) -> None:
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def resumable_config(run_dir: Path) -> dict[str, Any]:
+    """config.json of a run folder that --resume can continue; otherwise an InputError saying what to do."""
+    if not (run_dir / "config.json").is_file():
+        raise InputError(f"--resume {run_dir}: not a run folder of train.py (no config.json); pass one such as outputs/<model>/<date>/<time>")
+    if (run_dir / "test-metrics.json").is_file():
+        raise InputError(f"--resume {run_dir}: this run already finished (it has test-metrics.json); to train again, start a new run without --resume")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise InputError(
+            f"--resume {run_dir}: no {CHECKPOINT} (the run stopped before the end of its first epoch, or ran with --checkpoint off); "
+            f"start it again without --resume"
+        )
+    config = utils.load_json(run_dir / "config.json")
+    if not isinstance(config, dict):
+        raise InputError(f"{run_dir / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+    return config

@@ -15,9 +15,12 @@ distributed.py.
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -33,15 +36,16 @@ from tqdm import tqdm, trange
 from transformers.optimization import get_linear_schedule_with_warmup
 
 import plot
+import runs
 import tokenization
 import utils
 from data import SPLITS, collate, load_description, load_label2id, load_split, shard_by_length
-from distributed import init_distributed, leaves_process_group, on_rank_0
+from distributed import gather_on_every_rank, init_distributed, leaves_process_group, on_rank_0
 from evaluation import evaluate
 from modeling import (
     check_max_seq_len, count_encoder_params, freeze_unreachable, load_model, param_groups, resolve_device, resolve_dtype, save_model,
 )
-from runs import append_log, make_run_dir, run_config, write_test_outputs
+from runs import make_run_dir, run_config, save_log, write_test_outputs
 from utils import InputError, log
 
 
@@ -59,6 +63,18 @@ class Runtime(Tap):
     tokenized_cache: Literal["on", "off"] = "on"  # on: read the tokenised splits from --tokenized_cache_dir, or tokenise and store them there; off: tokenise every run
     tokenized_cache_dir: Path = Path("cache/tokenized")  # tokenised splits shared by runs and torchrun ranks, keyed by tokenizer, dataset and input layout (safe to delete)
     save_model: bool = False  # also save the best model and its tokenizer to RUN_DIR/model (safetensors)
+    checkpoint: Literal["last", "keep", "off"] = "last"  # RUN_DIR/checkpoint.pt at the end of each epoch, for --resume: last: removed when the run finishes; keep: left in place; off: none (see README for its size)
+    resume: Path | None = None  # continue the unfinished run in this RUN_DIR from its checkpoint.pt, with the settings of its config.json (runtime options as given here, else as the run had them)
+
+    def parse_args(self, args: Sequence[str] | None = None, known_only: bool = False) -> Runtime:  # type: ignore[override]
+        """Parse, and note which options the command line gives (given_options): --resume takes the others from the run."""
+        argv = sys.argv[1:] if args is None else list(args)
+        unset = object()
+        # argparse sets an option's default only where the namespace lacks it: what is still `unset` was not given.
+        given = argparse.Namespace(**{name: unset for name in self.class_variables})
+        argparse.ArgumentParser.parse_known_args(self, argv, given)
+        self._given = frozenset(name for name, value in vars(given).items() if value is not unset)
+        return super().parse_args(argv, known_only)
 
 
 class Args(Runtime):
@@ -96,6 +112,48 @@ class Args(Runtime):
 
 
 RUNTIME_OPTIONS = tuple(Runtime.__annotations__)  # the fields declared in Runtime, in their order
+
+
+def given_options(args: Runtime) -> frozenset[str]:
+    """The options set on the command line (abbreviations resolved), as opposed to left at their defaults.
+
+    A function, not a method: Tap would take a method of Args for an option.
+    """
+    return getattr(args, "_given", frozenset())
+
+
+def resumed_args(args: Args, config: dict[str, Any]) -> Args:
+    """The options of the run that --resume continues: the settings of its config.json, and its runtime
+    options except those given anew on this command line. A setting given here must be the run's own."""
+    given = given_options(args)
+    values = args.as_dict()
+    for name, value in args.as_dict().items():
+        if name == "resume" or name not in config:  # a setting newer than the run: the default, as its train.py had it
+            continue
+        if name in given and name not in RUNTIME_OPTIONS and (str(value) if isinstance(value, Path) else value) != config[name]:
+            raise InputError(
+                f"--resume {args.resume}: --{name} {value} differs from the run's own setting ({name} {utils.to_json(config[name])} in its "
+                f"config.json): a resumed run keeps its settings; drop --{name}, or start a new run"
+            )
+        if name not in given:
+            values[name] = Path(config[name]) if isinstance(value, Path) else config[name]
+    resumed = Args().from_dict(values)
+    resumed._given = given
+    return resumed
+
+
+@contextmanager
+def says_how_to_resume(run_dir: Path, world_size: int) -> Iterator[None]:
+    """A stop signal (utils.Interrupted: Ctrl-C, SIGTERM) ends in one line that says how to continue the run."""
+    try:
+        yield
+    except utils.Interrupted as stop:
+        if (run_dir / runs.CHECKPOINT).is_file():
+            launcher = "python" if world_size == 1 else f"torchrun --nproc_per_node {world_size}"
+            stop.note = f"{run_dir} resumes from its last complete epoch with: {launcher} src/train.py --resume {run_dir}"
+        else:
+            stop.note = f"{run_dir} has no checkpoint (interrupted in its first epoch, or --checkpoint off): start it again"
+        raise
 
 
 # --- a training step --------------------------------------------------------------------------
@@ -160,7 +218,9 @@ class TrainingError(InputError):
 
 @leaves_process_group
 def main(args: Args) -> Path:
-    """Fine-tune, evaluate, write the run folder; return its path."""
+    """Fine-tune, evaluate, write the run folder; return its path. With --resume, continue that run's folder."""
+    if args.resume is not None:
+        args = resumed_args(args, runs.resumable_config(args.resume))
     transformers.utils.logging.disable_progress_bar()
     # As the reference's utils.init: fp32 matrix products may use TF32 on GPUs that have it (Ampere and later).
     torch.set_float32_matmul_precision("high")
@@ -170,6 +230,14 @@ def main(args: Args) -> Path:
         torch.cuda.set_device(device)
     dtype = resolve_dtype(args.dtype, device)
     utils.set_seed(args.seed)
+    # The state at the end of the run's last complete epoch, read before any model is loaded (a bad file fails first).
+    checkpoint = runs.load_checkpoint(args.resume) if args.resume is not None else None
+    if checkpoint is not None and len(checkpoint["rng"]) != world_size:  # a generator state per process of the run
+        processes = len(checkpoint["rng"])
+        raise InputError(
+            f"--resume {args.resume}: the run had {processes} process(es), this is {world_size}; "
+            + ("resume it with python src/train.py" if processes == 1 else f"resume it with torchrun --nproc_per_node {processes} src/train.py")
+        )
 
     # Data first: a wrong path or a bad row fails before any model is downloaded.
     label2id = load_label2id(args.dataset_dir)
@@ -189,130 +257,159 @@ def main(args: Args) -> Path:
         utils.save_json(config, run_dir / "config.json")
         return run_dir
 
-    run_dir = on_rank_0(start_run_folder, rank, world_size)
+    run_dir = args.resume if checkpoint is not None else on_rank_0(start_run_folder, rank, world_size)
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
     log(positions)
-
-    # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
-    examples = tokenization.tokenize_splits(
-        rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, text_fields=args.text_fields,
-        max_seq_len=args.max_seq_len, token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
-        slow=args.slow_tokenizer, num_workers=args.num_workers, log=log,
-        cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
-    )
-
-    pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
-    sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    pin = device.type == "cuda"  # pinned host memory lets the copy to the GPU overlap with compute
-    train_loader = DataLoader(examples["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=pad, pin_memory=pin)
-    eval_loaders = {
-        split: DataLoader(shard_by_length(examples[split], rank, world_size), batch_size=args.eval_batch_size, collate_fn=pad)
-        for split in ("val", "test")
-    }
-
-    model.to(device)
-    if args.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    unreachable = freeze_unreachable(model, pad(examples["train"][:2]), device)
-    if unreachable:
-        log(f"frozen {len(unreachable)} parameter tensors that this input never reaches (no gradient in a probe step): {', '.join(unreachable)}")
-    # `model` keeps clean state-dict keys (no _orig_mod. or module. prefixes) for the best weights.
-    compiled: torch.nn.Module = torch.compile(model, dynamic=True) if args.compile else model
-    train_model = compiled
-    if world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-
-    groups, decay_summary = param_groups(model, args.weight_decay)
-    log(decay_summary)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
-    autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling only for fp16
-    log(
-        f"effective batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation x {world_size} process(es) = "
-        f"{args.batch_size * args.gradient_accumulation_steps * world_size}; {steps_per_epoch} optimizer steps per epoch"
-    )
-    if args.num_warmup_epochs > args.epochs:
-        log(
-            f"note: the warm-up ({args.num_warmup_epochs} epochs) is longer than the training ({args.epochs}): "
-            f"the learning rate rises all along and never reaches its peak --lr {args.lr}"
+    # From here on, Ctrl-C or SIGTERM ends the run in one line that says whether and how to resume it.
+    with says_how_to_resume(run_dir, world_size):
+        # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
+        examples = tokenization.tokenize_splits(
+            rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, text_fields=args.text_fields,
+            max_seq_len=args.max_seq_len, token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
+            slow=args.slow_tokenizer, num_workers=args.num_workers, log=log,
+            cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
         )
 
-    def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
-        return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
+        pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
+        # The training order depends on the seed and the epoch alone (set_epoch), so a resumed run sees the same batches.
+        sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+        pin = device.type == "cuda"  # pinned host memory lets the copy to the GPU overlap with compute
+        train_loader = DataLoader(examples["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=pad, pin_memory=pin)
+        eval_loaders = {
+            split: DataLoader(shard_by_length(examples[split], rank, world_size), batch_size=args.eval_batch_size, collate_fn=pad)
+            for split in ("val", "test")
+        }
 
-    def log_evaluation(epoch: int, train_loss: float, metrics: dict[str, float], seconds: float, throughput: dict[str, float]) -> None:
-        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": scheduler.get_last_lr()[0], "seconds": seconds, **throughput}
-        on_rank_0(lambda: append_log(run_dir / "log.csv", row), rank, world_size)
+        model.to(device)
+        if args.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        unreachable = freeze_unreachable(model, pad(examples["train"][:2]), device)
+        if unreachable:
+            log(f"frozen {len(unreachable)} parameter tensors that this input never reaches (no gradient in a probe step): {', '.join(unreachable)}")
+        # `model` keeps clean state-dict keys (no _orig_mod. or module. prefixes) for the best weights and the checkpoint.
+        compiled: torch.nn.Module = torch.compile(model, dynamic=True) if args.compile else model
+        train_model = compiled
+        if world_size > 1:
+            train_model = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+
+        groups, decay_summary = param_groups(model, args.weight_decay)
+        log(decay_summary)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+        steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
+        autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling only for fp16
         log(
-            f"epoch {epoch:>3}  train_loss {train_loss:.4f}  val: loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
-            f"f1 {metrics['f1']:.4f}"
-            + (f"  ({throughput['examples_per_s']:.1f} examples/s, {throughput['tokens_per_s']:,.0f} tokens/s)" if throughput["examples_per_s"] else "")
+            f"effective batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation x {world_size} process(es) = "
+            f"{args.batch_size * args.gradient_accumulation_steps * world_size}; {steps_per_epoch} optimizer steps per epoch"
         )
+        if args.num_warmup_epochs > args.epochs:
+            log(
+                f"note: the warm-up ({args.num_warmup_epochs} epochs) is longer than the training ({args.epochs}): "
+                f"the learning rate rises all along and never reaches its peak --lr {args.lr}"
+            )
 
-    # Epoch 0 is the model before training: a fine-tuned epoch must beat it to be kept.
-    start = time.perf_counter()
-    val_metrics, _ = evaluate_split("val")
-    log_evaluation(0, float("nan"), val_metrics, time.perf_counter() - start, {"examples_per_s": 0.0, "tokens_per_s": 0.0})
-    best_epoch, best_f1 = 0, val_metrics["f1"]
-    best_state = clone_state(model)
+        def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
+            return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
 
-    # Progress bars as context managers: closed on an error too, so that the error line starts clean.
-    with trange(1, args.epochs + 1, desc="epochs", disable=rank != 0) as epoch_bar:
-        for epoch in epoch_bar:
-            train_model.train()
-            sampler.set_epoch(epoch)
+        log_rows: list[dict[str, Any]] = []
+
+        def log_evaluation(epoch: int, train_loss: float, metrics: dict[str, float], seconds: float, throughput: dict[str, float]) -> None:
+            log_rows.append({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": scheduler.get_last_lr()[0], "seconds": seconds, **throughput})
+            on_rank_0(lambda: save_log(run_dir, log_rows), rank, world_size)
+            log(
+                f"epoch {epoch:>3}  train_loss {train_loss:.4f}  val: loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
+                f"f1 {metrics['f1']:.4f}"
+                + (f"  ({throughput['examples_per_s']:.1f} examples/s, {throughput['tokens_per_s']:,.0f} tokens/s)" if throughput["examples_per_s"] else "")
+            )
+
+        def save_checkpoint(epoch: int) -> None:
+            """Everything the next epoch depends on, so that a resumed run continues exactly as this one would."""
+            rng = gather_on_every_rank(runs.rng_state(device), world_size)  # each process's own generators
+            state = runs.checkpoint_state(epoch, model, optimizer, scheduler, scaler, best_epoch, best_f1, best_state, log_rows, rng)
+            on_rank_0(lambda: runs.save_checkpoint(run_dir, state), rank, world_size)
+
+        if checkpoint is None:
+            # Epoch 0 is the model before training: a fine-tuned epoch must beat it to be kept.
             start = time.perf_counter()
-            loss_sum, seen, tokens = 0.0, 0, 0
-            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0) as progress:
-                for window in chunked(train_loader, args.gradient_accumulation_steps):
-                    step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
-                    window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)
-                    if world_size > 1:  # the loss, examples and tokens of this step over all processes
-                        stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
-                        dist.all_reduce(stats)
-                        step_loss, step_examples, step_tokens = stats.tolist()
-                    else:
-                        step_loss = window_loss.item()  # the one device sync of a step
-                    if not math.isfinite(step_loss):
-                        raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
-                    loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
-                    optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
-                    progress.update()
-                    progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            train_seconds = time.perf_counter() - start
-            throughput = {"examples_per_s": seen / train_seconds, "tokens_per_s": tokens / train_seconds}
-
             val_metrics, _ = evaluate_split("val")
-            log_evaluation(epoch, loss_sum / seen, val_metrics, time.perf_counter() - start, throughput)
-            if val_metrics["f1"] > best_f1:
-                best_epoch, best_f1 = epoch, val_metrics["f1"]
-                best_state = clone_state(model)
+            log_evaluation(0, float("nan"), val_metrics, time.perf_counter() - start, {"examples_per_s": 0.0, "tokens_per_s": 0.0})
+            best_epoch, best_f1 = 0, val_metrics["f1"]
+            best_state = clone_state(model)
+            first_epoch = 1
+        else:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            best_epoch, best_f1 = checkpoint["best_epoch"], checkpoint["best_f1"]
+            best_state = {key: value.clone() for key, value in checkpoint["best_model"].items()}  # in memory, not in the mapped file
+            log_rows.extend(checkpoint["log"])
+            on_rank_0(lambda: save_log(run_dir, log_rows), rank, world_size)  # rows after the checkpoint are dropped
+            runs.restore_rng_state(checkpoint["rng"][rank], device)  # last: nothing above may draw from them
+            first_epoch = checkpoint["epoch"] + 1
+            log(f"resumed {run_dir} from epoch {checkpoint['epoch']} of {args.epochs} (best so far: epoch {best_epoch}, val f1 {best_f1:.4f})")
+            del checkpoint
 
-    # The weights of the best epoch (kept on the CPU) give the reported val and test scores.
-    model.load_state_dict(best_state)
-    val_metrics, _ = evaluate_split("val")
-    test_metrics, test_predictions = evaluate_split("test")
+        # Progress bars as context managers: closed on an error too, so that the error line starts clean.
+        with trange(first_epoch, args.epochs + 1, desc="epochs", disable=rank != 0) as epoch_bar:
+            for epoch in epoch_bar:
+                train_model.train()
+                sampler.set_epoch(epoch)
+                start = time.perf_counter()
+                loss_sum, seen, tokens = 0.0, 0, 0
+                with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0) as progress:
+                    for window in chunked(train_loader, args.gradient_accumulation_steps):
+                        step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
+                        window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)
+                        if world_size > 1:  # the loss, examples and tokens of this step over all processes
+                            stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
+                            dist.all_reduce(stats)
+                            step_loss, step_examples, step_tokens = stats.tolist()
+                        else:
+                            step_loss = window_loss.item()  # the one device sync of a step
+                        if not math.isfinite(step_loss):
+                            raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
+                        loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
+                        optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+                        progress.update()
+                        progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                train_seconds = time.perf_counter() - start
+                throughput = {"examples_per_s": seen / train_seconds, "tokens_per_s": tokens / train_seconds}
 
-    def write_results() -> None:
-        utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
-        write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
-        try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
-            plot.draw_run(run_dir)
-        except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
-            log(f"warning: figures not drawn ({type(e).__name__}: {utils.first_line(e)}); redraw them with python src/plot.py --run_dirs {run_dir}")
-        if args.save_model:
-            save_model(model, tokenizer, run_dir / "model", args.text_fields, args.max_seq_len)
-        utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
+                val_metrics, _ = evaluate_split("val")
+                log_evaluation(epoch, loss_sum / seen, val_metrics, time.perf_counter() - start, throughput)
+                if val_metrics["f1"] > best_f1:
+                    best_epoch, best_f1 = epoch, val_metrics["f1"]
+                    best_state = clone_state(model)
+                if args.checkpoint != "off":
+                    save_checkpoint(epoch)
 
-    on_rank_0(write_results, rank, world_size)
+        # The weights of the best epoch (kept on the CPU) give the reported val and test scores.
+        model.load_state_dict(best_state)
+        val_metrics, _ = evaluate_split("val")
+        test_metrics, test_predictions = evaluate_split("test")
+
+        def write_results() -> None:
+            utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
+            write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
+            try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
+                plot.draw_run(run_dir)
+            except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
+                log(f"warning: figures not drawn ({type(e).__name__}: {utils.first_line(e)}); redraw them with python src/plot.py --run_dirs {run_dir}")
+            if args.save_model:
+                save_model(model, tokenizer, run_dir / "model", args.text_fields, args.max_seq_len)
+            utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
+            if args.checkpoint != "keep":
+                runs.remove_checkpoint(run_dir)
+
+        on_rank_0(write_results, rank, world_size)
     log(f"best epoch {best_epoch}: val f1 {val_metrics['f1']:.4f}, test f1 {test_metrics['f1']:.4f}, test accuracy {test_metrics['accuracy']:.4f}")
     log(f"wrote {run_dir}")
     return run_dir  # @leaves_process_group leaves the process group
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, Args().parse_args())
+    utils.run_cli(main, Args().parse_args(), catch_sigterm=True)

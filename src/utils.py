@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -233,8 +234,32 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [repr(error)])[0]
 
 
-def run_cli(main: Callable[[Any], object], args: Any) -> None:
-    """Run a stage's main(args); user errors end in one clear line on stderr and exit code 1."""
+class Interrupted(BaseException):
+    """A stop signal: SIGINT (Ctrl-C) or SIGTERM (kill, Slurm preemption, the end of a job's time).
+
+    Raised in the main thread by run_cli's signal handlers. A BaseException, as KeyboardInterrupt
+    is, so that no `except Exception` swallows it; progress bars and temporary files close on the
+    way out. `note` is what the stage adds to its one line (train.py: how to resume the run).
+    """
+
+    def __init__(self, signum: int, note: str = "") -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.note = signum, note
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def run_cli(main: Callable[[Any], object], args: Any, catch_sigterm: bool = False) -> None:
+    """Run a stage's main(args); user errors end in one clear line on stderr and exit code 1.
+
+    Ctrl-C (SIGINT) ends in one line too, with exit code 130; with `catch_sigterm`, so does SIGTERM,
+    with 143 (128 + the signal's number, as a shell reports a process killed by it).
+    """
+    signal.signal(signal.SIGINT, raise_interrupted)
+    if catch_sigterm:
+        signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         main(args)
     except InputError as e:
@@ -243,3 +268,7 @@ def run_cli(main: Callable[[Any], object], args: Any) -> None:
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         sys.exit(1)
+    except Interrupted as e:
+        sys.stderr.write(f"interrupted by {e}{f': {e.note}' if e.note else ''}\n")
+        sys.stderr.flush()
+        sys.exit(128 + e.signum)

@@ -120,7 +120,7 @@ def test_config_is_written_with_json_types_and_rebuilds_the_args(finished_run: P
     assert config["run_dir"] == str(finished_run)
     # The runtime options, as train.py declares them; the same split as aggregate.py's list for older runs.
     assert config["runtime_options"] == list(train.RUNTIME_OPTIONS) == list(train.Runtime.__annotations__)
-    assert set(config["runtime_options"]) == set(aggregate.OLD_RUNTIME_OPTIONS)
+    assert set(config["runtime_options"]) == {*aggregate.OLD_RUNTIME_OPTIONS, "checkpoint", "resume"}
     # Enough to re-run: the arguments parse back to the same values.
     fields = train.Args().parse_args([]).as_dict().keys()
     rebuilt = train.Args().parse_args([]).from_dict({k: config[k] for k in fields})
