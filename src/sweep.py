@@ -419,14 +419,6 @@ class RunsFailed(InputError):
 # --- the local runner ----------------------------------------------------------------------------
 
 
-class Interrupted(Exception):
-    """The sweep was stopped by a signal (Ctrl-C, kill, the end of a job's walltime): one line, exit code 128 + the signal."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
 
@@ -467,7 +459,7 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
     """Run `launches` at most len(slots) at a time, each in a free slot; return the failures.
 
     A thread per slot waits on its train.py process; this thread keeps the progress line. A signal
-    stops the sweep (see SignalRelay): it waits for the running runs, then raises Interrupted.
+    stops the sweep (see SignalRelay): it waits for the running runs, then raises utils.Interrupted.
     """
     free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
     for slot in slots:
@@ -533,10 +525,10 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
             progress.close()
     if relay.received:
         not_started = len(launches) - len(started)
-        raise Interrupted(
+        raise utils.Interrupted(
             relay.received[0],
-            f"stopped by {signal_name(relay.received[0])}: {stopped} run(s) stopped, {not_started} not started, no train.py left running; "
-            f"run the same command again to continue (a stopped run resumes from its last checkpoint)",
+            f"{stopped} run(s) stopped, {not_started} not started, no train.py left running; run the same command again to "
+            f"continue (a stopped run resumes from its last checkpoint)",
         )
     return failures
 
@@ -758,13 +750,9 @@ def run_slurm(args: Args, launches: list[Launch], queued: list[Queued], folder: 
         return None
     try:
         return wait_slurm(jobs, waited, progress)
-    except (KeyboardInterrupt, Interrupted) as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        raise Interrupted(
-            signum,
-            f"stopped by {signal_name(signum)} while waiting; {every} keeps running: run this same command again to wait for it "
-            f"and aggregate, or `scancel` it",
-        ) from None
+    except (KeyboardInterrupt, utils.Interrupted) as e:
+        signum = e.signum if isinstance(e, utils.Interrupted) else signal.SIGINT
+        raise utils.Interrupted(signum, f"{every} keeps running: run this same command again to wait for it and aggregate, or `scancel` it") from None
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -863,22 +851,10 @@ def main(args: Args, run: Runner = run_logged) -> None:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """sweep.py's command line. Stopped by a signal, it ends in one line with exit code 128 + the
-    signal (130 for Ctrl-C, 143 for SIGTERM), never a traceback; while runs execute here, see SignalRelay."""
-
-    def stop(signum: int, frame: object) -> None:
-        raise Interrupted(signum, f"stopped by {signal_name(signum)}")
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop)  # SIGINT raises KeyboardInterrupt already
-    try:
-        utils.run_cli(main, Args().parse_args(argv))
-    except KeyboardInterrupt:
-        sys.stderr.write(f"sweep: stopped by {signal_name(signal.SIGINT)}\n")
-        sys.exit(128 + signal.SIGINT)
-    except Interrupted as e:
-        sys.stderr.write(f"sweep: {e}\n")
-        sys.exit(128 + e.signum)
+    """sweep.py's command line. Stopped by a signal (Ctrl-C, kill, a closed terminal), it ends in one line with
+    exit code 128 + the signal (130, 143, 129), never a traceback; while runs execute here, see SignalRelay."""
+    signal.signal(signal.SIGHUP, utils.raise_interrupted)
+    utils.run_cli(main, Args().parse_args(argv), catch_sigterm=True)
 
 
 if __name__ == "__main__":

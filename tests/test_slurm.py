@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -164,6 +165,16 @@ def test_no_wait_submits_and_returns_and_a_rerun_submits_nothing_twice(tiny_mode
         assert f"sweep: 1 run(s) still in Slurm's queue from an earlier sweep (Slurm job {job.group(1)}): waiting for them, not submitting them again" in out
         assert "sweep: submitting" not in out
         assert squeue(comment) == [job.group(1)]
+        # A rerun that waits for it, stopped by Ctrl-C: the job keeps running, and the sweep says so in one line.
+        timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(utils.Interrupted) as stopped:
+            sweep.main(slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, *argv[:-1]))
+        timer.join()
+        assert stopped.value.signum == signal.SIGINT
+        assert stopped.value.note == f"Slurm job {job.group(1)} keeps running: run this same command again to wait for it and aggregate, or `scancel` it"
+        assert squeue(comment) == [job.group(1)]
+        assert "sweep: submitting" not in capsys.readouterr().out
         # Another setting of the same grid is not that run.
         sweep.main(slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, *argv, "--epochs", "2"))
         assert plan(capsys.readouterr().out) == (1, 0, 1) and len(squeue(comment)) == 2

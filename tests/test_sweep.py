@@ -623,12 +623,12 @@ def test_a_signal_is_passed_on_to_every_run_and_stops_the_sweep(signum: int, tin
     sender = threading.Thread(target=send_when_both_run)
     sender.start()
     args = sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--lrs", "1e-3", "2e-3", "3e-3", "--seeds", "1", "--jobs", "2", "--device", "cpu")
-    with pytest.raises(sweep.Interrupted) as e:
+    with pytest.raises(utils.Interrupted) as e:
         sweep.main(args, run=fake_train)
     sender.join()
     name = signal.Signals(signum).name
     assert e.value.signum == signum
-    assert str(e.value).startswith(f"stopped by {name}{' (Ctrl-C)' if signum == signal.SIGINT else ''}: 2 run(s) stopped, 1 not started, no train.py left running; run the same command again")
+    assert e.value.note.startswith("2 run(s) stopped, 1 not started, no train.py left running; run the same command again")
     # Each run got the signal once, from the sweep (its own process group: not from the terminal), and is gone.
     assert sorted(p.read_text() for p in tmp_path.glob("*.said")) == [f"{name}\n"] * 2
     assert len(pids) == 2 and not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
@@ -639,25 +639,19 @@ def test_a_signal_is_passed_on_to_every_run_and_stops_the_sweep(signum: int, tin
     assert signal.getsignal(signal.SIGTERM) is not sweep.SignalRelay.handle  # the handlers are restored
 
 
-def test_the_command_line_says_how_it_was_stopped_in_one_line(monkeypatch, capsys) -> None:
-    def stopped(args: sweep.Args, run: object = None) -> None:
-        raise sweep.Interrupted(signal.SIGTERM, "stopped by SIGTERM: 1 run(s) stopped")
-
-    monkeypatch.setattr(sweep, "main", stopped)
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_the_command_line_says_how_it_was_stopped_in_one_line(signum: int, code: int, monkeypatch, capsys) -> None:
+    """Stopped outside the runs (planning, waiting for Slurm, aggregating): one line, 128 + the signal."""
+    monkeypatch.setattr(sweep, "main", lambda args, run=None: os.kill(os.getpid(), signum))
+    previous = {s: signal.getsignal(s) for s in sweep.STOP_SIGNALS}
     try:
         with pytest.raises(SystemExit) as e:
             sweep.cli([])
-        assert e.value.code == 143
-        assert capsys.readouterr().err == "sweep: stopped by SIGTERM: 1 run(s) stopped\n"
-        monkeypatch.setattr(sweep, "main", lambda args, run=None: (_ for _ in ()).throw(KeyboardInterrupt))
-        with pytest.raises(SystemExit) as e:
-            sweep.cli([])
-        assert e.value.code == 130
-        assert capsys.readouterr().err == "sweep: stopped by SIGINT (Ctrl-C)\n"
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert e.value.code == code
+    assert capsys.readouterr().err == f"interrupted by {signal.Signals(signum).name}\n"
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -672,20 +666,20 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def test_sigterm_to_the_sweep_command_stops_every_train_py(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path) -> None:
-    """End to end, as a scheduler's kill does it: SIGTERM to sweep.py alone, 2 real train.py runs at once."""
+def test_sigterm_to_the_sweep_command_stops_every_train_py_and_a_rerun_resumes_them(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """End to end, as a scheduler's kill does it: SIGTERM to sweep.py alone, 2 real train.py runs at once;
+    then the same sweep again resumes both runs from their checkpoints."""
     argv = [
         "--models", str(tiny_model_dir), "--lrs", *LRS, "--seeds", "1", "--dataset_dirs", str(dataset_dir),
-        "--output_root", str(tmp_path / "outputs"), "--results_dir", str(tmp_path / "results"), *FORWARDED, "--epochs", "500", "--jobs", "2",
+        "--output_root", str(tmp_path / "outputs"), "--results_dir", str(tmp_path / "results"), *FORWARDED, "--epochs", "8", "--jobs", "2",
     ]  # fmt: skip
-    sweep_py = Path(sweep.__file__)
-    process = subprocess.Popen([sys.executable, str(sweep_py), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, sweep.__file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Once both runs have finished an epoch (a checkpoint each), they are well inside their training.
+        # Once both runs have finished an epoch (a checkpoint each), they are inside their training.
         deadline = time.monotonic() + 240
-        while len(list((tmp_path / "outputs").glob("*/*/*/checkpoint.pt"))) < 2:
+        while len(checkpoints := list((tmp_path / "outputs").glob("*/*/*/checkpoint.pt"))) < 2:
             assert time.monotonic() < deadline and process.poll() is None, "the runs never reached their first checkpoint"
-            time.sleep(0.2)
+            time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)
     finally:
@@ -697,10 +691,16 @@ def test_sigterm_to_the_sweep_command_stops_every_train_py(tiny_model_dir: Path,
     assert out.count("] stopped (exit code 143) after ") == 2  # train.py's own exit on SIGTERM
     assert err.splitlines()[-1].startswith("interrupted by SIGTERM: 2 run(s) stopped, 0 not started, no train.py left running; run the same command again")
     assert processes_mentioning(str(tmp_path)) == []
-    # Both runs can be resumed: the same command says it would resume them.
-    with contextlib.redirect_stdout(io.StringIO()) as plan_out:
-        sweep.main(sweep.Args().parse_args([*argv, "--dry_run"]), run=never)
-    assert "2 to run (2 of them resume a run from its checkpoint)" in plan_out.getvalue()
+    runs_ = sorted(checkpoint.parent for checkpoint in checkpoints)
+
+    # The same sweep again resumes both, and says so.
+    sweep.main(sweep.Args().parse_args([*argv, "--jobs", "1"]), run=in_process)
+    out = capsys.readouterr().out
+    assert plan(out) == (2, 0, 2) and "2 to run (2 of them resume a run from its checkpoint)" in out
+    for run in runs_:
+        assert f" (resuming {run})  (log: " in out and re.search(rf"^resumed {re.escape(str(run))} from epoch \d of 8", out, re.MULTILINE)
+        assert pd.read_csv(run / "log.csv")["epoch"].tolist() == list(range(9))  # each epoch once
+    assert finished_runs(tmp_path / "outputs") == runs_ and len(pd.read_csv(tmp_path / "results" / "all.csv")) == 2
 
 
 # --- a Slurm task's decisions (the task itself runs on the real cluster in test_slurm.py) ---------------
