@@ -530,7 +530,7 @@ def test_an_unfinished_run_with_a_checkpoint_is_resumed(swept: tuple[Path, str],
     assert "2 to run (1 of them resume a run from its checkpoint)" in out
     # Said in the run's title and command: only the runtime options go with --resume (the settings are in its config.json).
     assert f"] {tiny_model_dir} lr={lr:g} seed=1 dataset={dataset_dir} (resuming {resumable})\n" in out
-    assert f"train.py --resume {resumable} --num_workers=1 --device cpu --tokenized_cache off\n" in out
+    assert f"train.py --resume {resumable} --num_workers 1 --device cpu --tokenized_cache off --num_workers=1\n" in out
     assert out.count("--resume") == 1  # the run without a checkpoint starts afresh
     # A setting that differs (here --epochs) does not resume it.
     sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--epochs", "2", "--dry_run"), run=never)
@@ -671,7 +671,7 @@ def test_sigterm_to_the_sweep_command_stops_every_train_py_and_a_rerun_resumes_t
     then the same sweep again resumes both runs from their checkpoints."""
     argv = [
         "--models", str(tiny_model_dir), "--lrs", *LRS, "--seeds", "1", "--dataset_dirs", str(dataset_dir),
-        "--output_root", str(tmp_path / "outputs"), "--results_dir", str(tmp_path / "results"), *FORWARDED, "--epochs", "8", "--jobs", "2",
+        "--output_root", str(tmp_path / "outputs"), "--results_dir", str(tmp_path / "results"), *FORWARDED, "--epochs", "8", "--batch_size", "32", "--jobs", "2",
     ]  # fmt: skip
     process = subprocess.Popen([sys.executable, sweep.__file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
