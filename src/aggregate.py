@@ -35,19 +35,27 @@ class Args(Tap):
 
 METRICS = ("loss", "accuracy", "precision", "recall", "f1")
 SCORES = ("accuracy", "precision", "recall", "f1")  # the metrics reported with a std, in percent
+MICRO_SCORES = ("micro_precision", "micro_recall", "micro_f1")  # multi-label runs only: columns where some run has them
 
 # Runs that differ only in these are repetitions of one setting: their scores are averaged.
 # (dataset_dir: the folds of one corpus; the corpus itself is the setting field "task".)
 REPETITION_FIELDS = ("seed", "dataset_dir")
 # Fields of config.json that are not train.py options: what a run found or where it was, not what it learned.
-# (dataset: the description of the dataset; its corpus becomes the setting field "task".)
-RUN_FACTS = ("runtime_options", "run_dir", "dataset", "num_params", "num_encoder_params", "num_labels", "environment")
+# (dataset: the description of the dataset; its corpus becomes the setting field "task". problem_type follows from the dataset.)
+RUN_FACTS = (
+    "runtime_options", "run_dir", "dataset", "num_params", "num_encoder_params", "num_trainable_params", "num_labels", "problem_type", "environment", "truncation_report",
+)  # fmt: skip
+# Settings added to train.py after runs were made, with the value those older runs had: --truncation
+# head is what train.py always did (and no class weights, no early stopping, the 0.5 threshold that
+# single-label runs never use), so an older run and a new default one are the same setting.
+OLDER_SETTINGS = {"truncation": "head", "head_tokens": None, "threshold": 0.5, "class_weights": "none", "early_stopping_patience": 0}
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
 # them itself under "runtime_options" (train.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (
     "output_root", "device", "num_workers", "eval_batch_size", "save_model", "compile",
     "slow_tokenizer",  # the same ids either way
     "tokenized_cache", "tokenized_cache_dir",
+    "merge_lora",  # newer than the runtime_options list: no old run has it, listed so that the two lists stay one set
 )  # fmt: skip
 
 
@@ -137,7 +145,7 @@ def load_run(
     """config, val metrics and test metrics of a finished run; InputError says what is wrong."""
     config = read_json_object(run_dir, "config.json", config_fields, optional_config_fields)
     val = read_json_object(run_dir, "val-metrics.json", val_fields)
-    test = read_json_object(run_dir, "test-metrics.json", test_fields)
+    test = read_json_object(run_dir, "test-metrics.json", test_fields, {m: NUMBER for m in MICRO_SCORES})
     return config, val, test
 
 
@@ -157,6 +165,7 @@ def run_row(
         "best-val-epoch": val["best-epoch"],
         "best-val-f1": val["f1"],
         **{metric: test[metric] for metric in metrics},
+        **{metric: test[metric] for metric in MICRO_SCORES if metric in test},
         "num_params": config["num_params"],
         # The encoder without the head, as the reference's table counts; older runs recorded only the total.
         "num_encoder_params": config.get("num_encoder_params", config["num_params"]),
@@ -223,7 +232,7 @@ def setting_of(config: dict[str, Any], repetitions: bool = True) -> dict[str, An
     ignored = not_setting_fields(config, repetitions)
     return {
         key: utils.to_json(value) if isinstance(value, (list, dict)) else value
-        for key, value in {**config, "world_size": world_size_of(config)}.items()
+        for key, value in {**OLDER_SETTINGS, **config, "world_size": world_size_of(config)}.items()
         if key not in ignored
     }
 
@@ -325,16 +334,23 @@ def format_score(mean: float, std: float, n_runs: int, bold: bool = False) -> st
 
 def markdown_table(best: pd.DataFrame, scores: tuple[str, ...] = SCORES) -> str:
     """The reference's results table (Markdown), one row per model, with its chosen lr as the reference printed it
-    (3e-05) and the number of runs; best F1 in bold (per task, with a Task column where runs solved several)."""
+    (3e-05) and the number of runs; best F1 in bold (per task, with a Task column where runs solved several);
+    Micro-F1 after F1 where a run is multi-label (accuracy is then subset accuracy; "-" for single-label models)."""
     tasks = "task" in best.columns
-    header = ["Task"] * tasks + ["Model", "Params", "LR", "Accuracy", "Precision", "Recall", "F1", "n"]
-    align = ["----"] * tasks + ["-----", "-----:", "-:", ":------:", ":-------:", ":----:", ":-:", "-:"]
+    micro = bool("micro_f1" in best.columns and best["micro_f1"].notna().any())
+    if micro:
+        scores = (*scores, "micro_f1")
+    header = ["Task"] * tasks + ["Model", "Params", "LR", "Accuracy", "Precision", "Recall", "F1", *["Micro-F1"] * micro, "n"]
+    align = ["----"] * tasks + ["-----", "-----:", "-:", ":------:", ":-------:", ":----:", ":-:", *[":------:"] * micro, "-:"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     best_f1 = best.groupby("task")["f1"].transform("max") if tasks else pd.Series(best["f1"].max(), index=best.index)
     for (_, row), top in zip(best.iterrows(), best_f1):
         name = row["model_name"]
         model = f"[{name}](https://huggingface.co/{name})" if is_hub_id(name) else name
-        cells = [format_score(row[s], row[f"{s}_std"], row["n_runs"], bold=(s == "f1" and row["f1"] == top)) for s in scores]
+        cells = [
+            "-" if pd.isna(row[s]) else format_score(row[s], row[f"{s}_std"], row["n_runs"], bold=(s == "f1" and row["f1"] == top))
+            for s in scores
+        ]
         task = f"| {row['task']} " if tasks else ""
         lines.append(f"{task}| {model} | {format_params(row['num_encoder_params'])} | {row['lr']} | {' | '.join(cells)} | {row['n_runs']} |")
     return "\n".join(lines) + "\n"
@@ -442,7 +458,8 @@ def main(args: Args) -> None:
         print(f"set aside {copy}: a copy of {kept} (same setting, seed and split; that one finished later)")
     runs = runs.drop(columns="_split").sort_values([*keys, "dataset", "seed", "run_dir"], kind="stable").reset_index(drop=True)
 
-    best = best_settings(summarize_settings(runs, keys), keys)
+    scores = SCORES + tuple(m for m in MICRO_SCORES if m in runs.columns)
+    best = best_settings(summarize_settings(runs, keys, scores), keys)
     table = markdown_table(best)
 
     # Figures of results/, from the files of the best settings' runs.

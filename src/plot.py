@@ -28,7 +28,8 @@ from tap import Tap
 
 import utils
 
-RUN_FIGURES = ("curves.png", "test-confusion-matrix.png")
+RUN_FIGURES = ("curves.png", "test-confusion-matrix.png")  # a multi-label run has test-label-counts.png in place of the confusion matrix
+LABEL_COUNTS = ("tp", "fn", "fp", "tn")  # columns of test-label-counts.csv as drawn: the positives, then the negatives
 DPI = 150  # sharp enough for slides, small enough for a repository
 JAPANESE_FONT = "IPAexGothic"  # the font matplotlib_fontja ships
 
@@ -91,6 +92,12 @@ def read_confusion(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(dict(zip(matrix.columns, counts)), index=matrix.index)
 
 
+def read_label_counts(run_dir: Path) -> pd.DataFrame:
+    """test-label-counts.csv (multi-label runs): per category, the test examples counted as TP, FP, FN, TN."""
+    table = read_table(run_dir / "test-label-counts.csv", LABEL_COUNTS, index_col=0)
+    return table[list(LABEL_COUNTS)].astype(int)
+
+
 def class_percent(matrix: pd.DataFrame) -> pd.DataFrame:
     """Each row (true category) in percent of its total; a category absent from the test set stays 0."""
     totals = matrix.sum(axis=1).to_numpy(dtype=float)[:, None]
@@ -127,15 +134,15 @@ def save_png(figure: Figure, path: Path, dpi: int = DPI) -> None:
         figure.savefig(tmp, format="png", dpi=dpi)
 
 
-def curves_figure(log: pd.DataFrame, best_epoch: int, title: str) -> Figure:
+def curves_figure(log: pd.DataFrame, best_epoch: int, title: str, multi_label: bool = False) -> Figure:
     """Losses (left) and val accuracy / macro-F1 in percent (right) by epoch; the kept epoch marked on both."""
     figure = new_figure(10, 4.2)
     loss_axes, score_axes = figure.subplots(1, 2)
     epochs = log["epoch"].to_numpy()
     loss_axes.plot(epochs, log["train_loss"], marker="o", markersize=3, label="train loss")
     loss_axes.plot(epochs, log["loss"], marker="o", markersize=3, label="val loss")
-    loss_axes.set_ylabel("loss (cross-entropy per example)")
-    score_axes.plot(epochs, log["accuracy"] * 100, marker="o", markersize=3, label="val accuracy")
+    loss_axes.set_ylabel(f"loss ({'binary ' if multi_label else ''}cross-entropy per example)")
+    score_axes.plot(epochs, log["accuracy"] * 100, marker="o", markersize=3, label="val subset accuracy" if multi_label else "val accuracy")
     score_axes.plot(epochs, log["f1"] * 100, marker="o", markersize=3, label="val macro-F1")
     score_axes.set_ylabel("val score (%)")
     for axes in (loss_axes, score_axes):
@@ -169,6 +176,32 @@ def confusion_figure(matrix: pd.DataFrame, title: str) -> Figure:
     axes.set_ylabel("true category")
     figure.colorbar(image, ax=axes, shrink=0.8, label="% of the true category")
     figure.suptitle(f"{title}\ntest confusion matrix ({int(matrix.to_numpy().sum())} examples)")
+    return figure
+
+
+def label_counts_figure(counts: pd.DataFrame, title: str) -> Figure:
+    """Multi-label: a row per category with its TP, FN (of the examples that have it) and FP, TN (of those
+    that do not). Colour = percent of that group, as the confusion matrix's rows: TP% is the recall,
+    FP% the false-positive rate; cells = counts (and percent). Precision and F1 are in test-per-class.csv.
+    """
+    values = counts.to_numpy()
+    positives, negatives = values[:, :2].sum(1, keepdims=True), values[:, 2:].sum(1, keepdims=True)
+    totals = np.hstack([positives, positives, negatives, negatives]).astype(float)
+    percent = np.divide(values * 100.0, totals, out=np.zeros(values.shape), where=totals > 0)
+    figure = new_figure(6.5, 1.8 + 0.45 * len(counts))
+    axes = figure.subplots()
+    image = axes.imshow(percent, cmap="Blues", vmin=0, vmax=100, aspect="auto")
+    for (row, column), count in np.ndenumerate(values):
+        share = percent[row, column]
+        if count:
+            axes.text(column, row, f"{count}\n{share:.0f}%", ha="center", va="center", fontsize=8, color="white" if share > 55 else "black")
+        else:  # faint, as in the confusion matrix
+            axes.text(column, row, "0", ha="center", va="center", fontsize=8, color="0.7")
+    axes.set_xticks(range(4), ["TP\n(has it, predicted)", "FN\n(has it, missed)", "FP\n(lacks it, predicted)", "TN\n(lacks it, not predicted)"], fontsize=8)
+    axes.set_yticks(range(len(counts)), list(counts.index))
+    axes.set_ylabel("category")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="% of the examples that have (TP, FN) or lack (FP, TN) the category")
+    figure.suptitle(f"{title}\ntest counts per category, multi-label ({int(positives[0, 0] + negatives[0, 0]) if len(counts) else 0} examples)")
     return figure
 
 
@@ -266,6 +299,11 @@ def run_figures(run_dir: Path) -> dict[str, Figure]:
     if not isinstance(best_epoch, int):
         raise utils.InputError(f"{run_dir / 'val-metrics.json'}: best-epoch is {best_epoch!r}, expected an integer")
     title = run_title(config)
+    if (run_dir / "test-label-counts.csv").is_file():  # a multi-label run
+        return {
+            "curves.png": curves_figure(read_log(run_dir), best_epoch, title, multi_label=True),
+            "test-label-counts.png": label_counts_figure(read_label_counts(run_dir), title),
+        }
     return {
         "curves.png": curves_figure(read_log(run_dir), best_epoch, title),
         "test-confusion-matrix.png": confusion_figure(read_confusion(run_dir), title),

@@ -12,15 +12,20 @@ Input, read as UTF-8:
                 title. For a single-text model, the whole line is the text.
 Output: JSONL (--output_file, written atomically, or stdout), a row per input row, in input order:
 the input row's fields, then `pred` (category name), `pred_id` and `probs` ({category: probability}).
+A multi-label model (trained on a dataset whose labels are lists; config.json's problem_type) gives
+every category whose sigmoid probability reaches its threshold (recorded in config.json, or
+--threshold): `pred` and `pred_id` are then lists (possibly empty), sorted by id.
 
-Text is tokenised by the code train.py uses (src/tokenization.py) with the layout the model was trained with (text_fields
-and max_seq_len, recorded in the model's config.json): the body alone is truncated, as in training (a title
-that alone fills max_seq_len is truncated too, the body left out, and the rows counted on stderr).
+Text is tokenised by the code train.py uses (src/tokenization.py) with the layout the model was trained with (text_fields,
+max_seq_len, truncation and head_tokens, recorded in the model's config.json; models saved before truncation modes kept
+the head): the body alone is truncated, as in training (a title that alone fills max_seq_len is truncated too, the body
+left out, and the rows counted on stderr), and stderr says how many rows truncation cut.
 Progress and information go to stderr, so stdout holds only the predictions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 import time
@@ -37,21 +42,24 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import data
 import evaluation
+import lora
 import modeling
 import tokenization
 import utils
 from utils import InputError
 
-DEFAULT_TEXT_FIELDS = ["title", "body"]  # the layout of models saved before config.json recorded it
-DEFAULT_MAX_SEQ_LEN = 512
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",  # a LoRA run's adapters and head (train.py --save_model --lora_r)
+)  # fmt: skip
 OUTPUT_FIELDS = ("pred", "pred_id", "probs")  # appended to each row; input fields of these names are replaced
-NO_LABEL = -100  # data.collate needs a label: cross_entropy's ignore_index, so evaluation.predict's loss is 0 and unused
+NO_LABEL = -100  # data.collate needs a label; evaluation.predict computes no loss here (no objective)
 SAVE_HINT = "train one with `python src/train.py --save_model` and pass its RUN_DIR/model, e.g. outputs/<model>/<date>/<time>/model"
 
 
 class Args(Tap):
-    model_dir: Path  # the folder train.py --save_model wrote: RUN_DIR/model (config.json, model.safetensors, tokenizer)
+    model_dir: Path  # the folder train.py --save_model wrote: RUN_DIR/model (config.json, model.safetensors or a LoRA adapter, tokenizer)
+    base_model: str | None = None  # for a LoRA adapter folder: its base model, a hub name (from the Hugging Face cache offline) or a local folder; default: the one its adapter_config.json names
     input_file: Path | None = None  # JSONL with the model's text fields (e.g. title, body); without it, stdin: a text per line (pairs: title TAB body; no TAB: body only)
     output_file: Path | None = None  # JSONL of the input rows with pred, pred_id and probs (written atomically); without it, stdout
     batch_size: int = 32  # examples per forward pass (batches are sorted by length, the output is in input order)
@@ -59,10 +67,13 @@ class Args(Tap):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the forward pass; auto: bf16/fp16 on GPUs (faster, probabilities differ slightly)
     num_workers: int = 0  # processes that tokenise the input (0: one per CPU core this process may use, at most 8)
     slow_tokenizer: bool = False  # tokenise with the tokenizer's own transformers code even where the fast MeCab + WordPiece path applies (same ids)
+    threshold: float | None = None  # multi-label models: predict each category whose probability reaches this (default: the threshold the model was trained with, in its config.json)
 
     def process_args(self) -> None:
         if self.batch_size < 1:
             self.error("--batch_size must be at least 1")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            self.error("--threshold must lie between 0 and 1 (a sigmoid probability)")
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -87,20 +98,31 @@ def load_config(model_dir: Path) -> PretrainedConfig:
         raise InputError(f"cannot load {model_dir / 'config.json'} ({utils.first_line(e)})") from None
 
 
-def input_layout(config: PretrainedConfig) -> tuple[list[str], int]:
-    """(text_fields, max_seq_len) the model was trained with, as train.py records them in config.json."""
-    text_fields = list(getattr(config, "text_fields", None) or DEFAULT_TEXT_FIELDS)
-    max_seq_len = int(getattr(config, "max_seq_len", None) or DEFAULT_MAX_SEQ_LEN)
-    if not 1 <= len(text_fields) <= 2 or not all(isinstance(field, str) for field in text_fields):
-        raise InputError(f"config.json: text_fields must be one field name or two, got {text_fields!r}")
-    return text_fields, max_seq_len
+def input_layout(config: PretrainedConfig) -> tokenization.InputLayout:
+    """The input layout the model was trained with, as train.py records it in config.json (older models: title + body, 512, head)."""
+    try:
+        return tokenization.InputLayout.of(config)
+    except InputError as e:
+        raise InputError(f"config.json: {e}") from None
 
 
-def load_model(model_dir: Path, config: PretrainedConfig) -> tuple[transformers.PreTrainedTokenizerBase, transformers.PreTrainedModel]:
-    """The saved tokenizer and model, through the same Auto* classes as any transformers user."""
+def load_model(
+    model_dir: Path, config: PretrainedConfig, base_model: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[transformers.PreTrainedTokenizerBase, transformers.PreTrainedModel]:
+    """The saved tokenizer and model, through the same Auto* classes as any transformers user.
+
+    A LoRA adapter folder: the base model (BASE_MODEL, or the one adapter_config.json names) with
+    the saved config (labels, pad token), then the adapters and head put on it and merged.
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
+        if lora.is_adapter_dir(model_dir):
+            base = base_model or lora.base_model_name(model_dir)
+            info(f"LoRA adapter on base model {base}")
+            model = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=dtype)
+            model = lora.load_adapter_model(model, model_dir)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config, dtype=dtype)
     except (OSError, *modeling.LOAD_ERRORS) as e:
         raise InputError(f"cannot load the model saved in {model_dir} ({type(e).__name__}: {utils.first_line(e)}): {SAVE_HINT}") from None
     return tokenizer, model
@@ -147,7 +169,7 @@ def read_lines(lines: Iterable[str], text_fields: Sequence[str]) -> list[dict]:
 
 
 def tokenize(
-    rows: list[dict], tokenizer: transformers.PreTrainedTokenizerBase, text_fields: Sequence[str], max_seq_len: int,
+    rows: list[dict], tokenizer: transformers.PreTrainedTokenizerBase, layout: tokenization.InputLayout,
     token_type_ids: bool, slow: bool, num_workers: int, source: str,
 ) -> list[dict]:
     """Examples as train.py makes them (the same tokenization module, fast or slow path), numbered in input order."""
@@ -155,10 +177,11 @@ def tokenize(
         return []
     encoder = tokenization.choose_encoder(tokenizer, slow)
     info(f"tokenizer: {encoder.description}")
-    texts = tokenization.texts_of(rows, text_fields)
-    encoded = tokenization.encode_parallel(encoder, texts, max_seq_len, token_type_ids, num_workers)
+    texts = tokenization.texts_of(rows, layout.text_fields, tokenization.text_separator(tokenizer, layout.text_fields))
+    encoded = tokenization.encode_parallel(encoder, texts, layout, token_type_ids, num_workers)
+    info(tokenization.truncation_note(source, encoded.truncation_report(), layout))
     if encoded.cut_titles:
-        info(tokenization.cut_titles_note(source, encoded.cut_titles, text_fields, f"the model's max_seq_len {max_seq_len}"))
+        info(tokenization.cut_titles_note(source, encoded.cut_titles, layout.text_fields, f"the model's max_seq_len {layout.max_seq_len}"))
     return encoded.examples([NO_LABEL] * len(rows))
 
 
@@ -169,15 +192,16 @@ def classify(
     ordered = data.shard_by_length(examples, rank=0, world_size=1)
     loader = DataLoader(ordered, batch_size=batch_size, collate_fn=partial(data.collate, pad_token_id=pad_token_id))
     autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    return [p["logits"] for p in evaluation.gather(evaluation.predict(model, loader, device, autocast), world_size=1)]
+    return [p["logits"] for p in evaluation.gather(evaluation.predict(model, loader, device, autocast, objective=None), world_size=1)]
 
 
-def with_prediction(row: dict, logits: torch.Tensor, labels: Sequence[str]) -> dict:
-    """The input row, then pred (category name), pred_id and probs ({category: probability})."""
-    pred_id = int(logits.argmax())
-    probs = torch.softmax(logits, -1).tolist()
+def with_prediction(row: dict, logits: torch.Tensor, labels: Sequence[str], objective: evaluation.Objective) -> dict:
+    """The input row, then pred (category name; multi-label: the list of names), pred_id and probs ({category: probability})."""
+    pred_id = objective.decide(logits)
+    pred = [labels[i] for i in pred_id] if isinstance(pred_id, list) else labels[pred_id]
+    probs = objective.probabilities(logits).tolist()
     carried = {key: value for key, value in row.items() if key not in OUTPUT_FIELDS}
-    return {**carried, "pred": labels[pred_id], "pred_id": pred_id, "probs": dict(zip(labels, probs))}
+    return {**carried, "pred": pred, "pred_id": pred_id, "probs": dict(zip(labels, probs))}
 
 
 def write_predictions(rows: Iterable[dict], output_file: Path | None) -> None:
@@ -208,8 +232,12 @@ def main(args: Args) -> list[dict]:
     device = modeling.resolve_device(args.device)
     dtype = modeling.resolve_dtype(args.dtype, device)
     config = load_config(args.model_dir)
-    text_fields, max_seq_len = input_layout(config)
+    layout = input_layout(config)
+    text_fields = layout.text_fields
     labels = [config.id2label[i] for i in range(config.num_labels)]
+    objective = evaluation.Objective.from_config(config)
+    if args.threshold is not None:
+        objective = dataclasses.replace(objective, threshold=args.threshold)
     if args.input_file is not None:
         source = str(args.input_file)
         rows = read_jsonl(args.input_file, text_fields)
@@ -219,18 +247,19 @@ def main(args: Args) -> list[dict]:
             info(f"reading from stdin, one text per line ({' TAB '.join(text_fields)}); end with Ctrl-D")
         rows = read_lines(stdin_lines(sys.stdin), text_fields)
 
-    tokenizer, model = load_model(args.model_dir, config)
+    # Weights in the forward pass's dtype: a LoRA model's base in bf16 takes half the memory.
+    tokenizer, model = load_model(args.model_dir, config, args.base_model, dtype)
     model.to(device)
+    kind = f"multi-label, threshold {objective.threshold}" if objective.multi_label else "single-label"
     info(
-        f"model: {args.model_dir} ({len(labels)} categories; input {' + '.join(text_fields)}, at most {max_seq_len} tokens) "
-        f"on {device}, {str(dtype).removeprefix('torch.')}"
+        f"model: {args.model_dir} ({len(labels)} categories, {kind}; input {layout.describe()}) on {device}, {str(dtype).removeprefix('torch.')}"
     )
 
     start = time.perf_counter()
     token_type_ids = tokenization.wants_token_type_ids(model.config, text_fields)
-    examples = tokenize(rows, tokenizer, text_fields, max_seq_len, token_type_ids, args.slow_tokenizer, args.num_workers, source)
+    examples = tokenize(rows, tokenizer, layout, token_type_ids, args.slow_tokenizer, args.num_workers, source)
     logits = classify(model, examples, tokenizer.pad_token_id, args.batch_size, device, dtype)
-    predictions = [with_prediction(row, row_logits, labels) for row, row_logits in zip(rows, logits)]
+    predictions = [with_prediction(row, row_logits, labels, objective) for row, row_logits in zip(rows, logits)]
     seconds = time.perf_counter() - start
     info(f"classified {len(rows):,} rows from {source} in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} rows/s)")
 

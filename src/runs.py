@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from tap import Tap
 
 import utils
+from evaluation import Objective, confusion_matrix, per_label_report
 from utils import InputError
 
 CHECKPOINT = "checkpoint.pt"
+LABEL_COUNTS_FILE = "test-label-counts.csv"  # multi-label runs: per label, the test examples counted as TP, FP, FN, TN
+
 
 def run_dir_name(model_name: str, now: datetime) -> Path:
     """<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>: hub names with / as __, local folders by their name."""
@@ -58,8 +60,10 @@ def git_commit() -> str | None:
 
 
 def args_to_json(args: Tap) -> dict[str, Any]:
-    """The arguments as config.json stores them: paths as strings, everything else with its JSON type."""
-    return {key: str(value) if isinstance(value, Path) else value for key, value in args.as_dict().items()}
+    """The arguments as config.json stores them: paths as strings, everything else with its JSON type,
+    in the order the Args classes declare them (Tap's as_dict order follows set iteration, which varies)."""
+    values = args.as_dict()
+    return {key: str(values[key]) if isinstance(values[key], Path) else values[key] for key in args.class_variables if key in values}
 
 
 def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
@@ -72,16 +76,18 @@ def slurm_ids(environ: Mapping[str, str]) -> dict[str, str] | None:
 
 def run_config(
     args: Tap, runtime_options: Sequence[str], num_params: int, num_encoder_params: int, num_labels: int, run_dir: Path,
-    device: torch.device, dtype: torch.dtype, world_size: int, dataset: dict[str, Any],
+    device: torch.device, dtype: torch.dtype, world_size: int, dataset: dict[str, Any], problem_type: str = "single_label_classification",
+    num_trainable_params: int | None = None,
 ) -> dict:
     """Every argument with its JSON type, the names of those that are runtime options (not settings),
     plus what is needed to read the run later: among it the dataset's description (data.load_description),
-    by which aggregate.py tells tasks apart.
+    by which aggregate.py tells tasks apart, and the task type its labels gave (problem_type).
 
     The process count is a setting, not an environment detail: it multiplies the effective batch
     and divides the optimizer steps, so runs with different counts are different experiments.
     """
-    config = args_to_json(args)
+    # Settings first, then runtime options, each in declaration order; then the derived fields.
+    config = dict(sorted(args_to_json(args).items(), key=lambda item: item[0] in runtime_options))
     environment = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -97,9 +103,18 @@ def run_config(
     }
     return {
         **config, "runtime_options": list(runtime_options), "world_size": world_size, "num_params": num_params,
-        "num_encoder_params": num_encoder_params, "num_labels": num_labels, "dataset": dataset, "run_dir": str(run_dir),
-        "environment": environment,
+        "num_encoder_params": num_encoder_params, "num_trainable_params": num_params if num_trainable_params is None else num_trainable_params,
+        "num_labels": num_labels, "problem_type": problem_type, "dataset": dataset, "run_dir": str(run_dir), "environment": environment,
     }  # fmt: skip
+
+
+def record_in_config(run_dir: Path, **facts: Any) -> None:
+    """Add what the run found (e.g. truncation_report) to its config.json, rewritten atomically.
+
+    These are facts, not settings: aggregate.py lists them in RUN_FACTS.
+    """
+    path = run_dir / "config.json"
+    utils.save_json({**utils.load_json(path), **facts}, path)
 
 
 def save_log(run_dir: Path, rows: list[dict[str, Any]]) -> None:
@@ -108,24 +123,28 @@ def save_log(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     utils.save_csv(header, ([row[key] for key in header] for row in rows), run_dir / "log.csv")
 
 
-def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict], id2label: dict[int, str]) -> None:
-    """Per-example predictions, the per-class report and the confusion matrix (with category names)."""
+def write_test_outputs(run_dir: Path, predictions: list[dict], rows: list[dict], id2label: dict[int, str], objective: Objective) -> None:
+    """Per-example predictions (with probabilities), the per-class report, and the confusion matrix
+    (single-label) or the per-label counts TP/FP/FN/TN (multi-label), with category names."""
     names = [id2label[i] for i in range(len(id2label))]
     utils.save_jsonl(
         (
-            {"id": row["id"], "label": p["label"], "pred": p["pred"], "probs": torch.softmax(p["logits"], -1).tolist()}
+            {"id": row["id"], "label": p["label"], "pred": p["pred"], "probs": objective.probabilities(p["logits"]).tolist()}
             for row, p in zip(rows, predictions)
         ),
         run_dir / "test-predictions.jsonl",
     )
     labels, preds = [p["label"] for p in predictions], [p["pred"] for p in predictions]
-    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=list(range(len(names))), zero_division=0)
+    report = per_label_report(labels, preds, len(names))
+    columns = ("precision", "recall", "f1", "support")
     utils.save_csv(
-        ["category", "precision", "recall", "f1", "support"],
-        zip(names, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist()),
-        run_dir / "test-per-class.csv",
+        ["category", *columns], zip(names, *(report[c].tolist() for c in columns)), run_dir / "test-per-class.csv",
     )
-    matrix = confusion_matrix(labels, preds, labels=list(range(len(names))))
+    if objective.multi_label:
+        counts = ("tp", "fp", "fn", "tn")
+        utils.save_csv(["category", *counts], zip(names, *(report[c].tolist() for c in counts)), run_dir / LABEL_COUNTS_FILE)
+        return
+    matrix = confusion_matrix(labels, preds, len(names))
     utils.save_csv(
         ["true \\ predicted", *names],
         ([name, *counts] for name, counts in zip(names, matrix.tolist())),
@@ -173,11 +192,28 @@ def checkpoint_state(
 ) -> dict[str, Any]:
     """Everything the epochs after `epoch` depend on: the weights and the optimizer's moments, the schedule, the fp16
     loss scale, the best epoch so far with its weights, the log rows, and each process's random generators (`rng`,
-    in rank order). The training order needs nothing more: the sampler derives it from the seed and the epoch."""
+    in rank order). The training order needs nothing more: the sampler derives it from the seed and the epoch.
+
+    Frozen parameters (a LoRA run's base model, LUKE's unreachable entity queries) never change: they are left out,
+    and a resumed run has them from --model_name again (load_trained_state)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     return {
-        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "model": {key: value for key, value in model.state_dict().items() if key not in frozen},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "best_epoch": best_epoch, "best_f1": best_f1, "best_model": best_model, "log": log_rows, "rng": rng,
     }  # fmt: skip
+
+
+def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], run_dir: Path) -> None:
+    """Put a checkpoint's weights back into the model: every one but the frozen, which the model loaded already has."""
+    loaded = model.load_state_dict(state, strict=False)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    unfit = [*loaded.unexpected_keys, *(key for key in loaded.missing_keys if key not in frozen)]
+    if unfit:
+        raise InputError(
+            f"{run_dir / CHECKPOINT} does not fit this model ({len(unfit)} weights, e.g. {unfit[0]}): was --model_name changed? "
+            f"start the run again without --resume"
+        )
 
 
 def save_checkpoint(run_dir: Path, checkpoint: dict[str, Any]) -> None:

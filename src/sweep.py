@@ -18,11 +18,18 @@ command again. Ctrl-C or SIGTERM is passed on to every running train.py, which s
 checkpoint; the sweep waits for them and exits with 130 or 143. At the end, aggregate.py writes
 RESULTS_DIR from every finished run under OUTPUT_ROOT; if any run failed, the failures are listed
 with their logs and the exit code is 1.
+
+Any number of sweep processes with the same grid share it (the same command in every task of a PBS
+or Grid Engine array, several Slurm jobs, ssh on several nodes): each claims a combination in
+OUTPUT_ROOT/sweep-claims before it runs it (src/claims.py), takes over claims whose holder is gone,
+ends when nothing is left to claim, and aggregates in turn with the others, so that the process that
+ends last writes the complete results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import itertools
 import os
@@ -48,11 +55,12 @@ from submitit.core.utils import pickle_load
 from tap import Tap
 
 import aggregate
+import claims
 import runs
 import train  # for train.py's command line only (its Args), which the sweep checks and forwards
 import utils
 from launch import (
-    RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, is_resumable, run_logged, select_options, thread_slot, train_command,
+    RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, option_groups, run_logged, select_options, thread_slot, train_command,
 )  # fmt: skip
 from utils import InputError
 
@@ -87,7 +95,31 @@ MODERN_MODELS = [
     "llm-jp/llm-jp-modernbert-base",
     "ku-nlp/deberta-v3-base-japanese",
 ]
-PRESETS = {"reference": REFERENCE_MODELS, "modern": MODERN_MODELS}
+# Japanese-capable decoder LLMs from 0.5 to 8 B parameters, trained as classifiers with LoRA (README: the
+# memory each needs). Llama-architecture: llm-jp-3, sarashina2.2, Swallow; then Qwen2.5 and Gemma 2.
+LLM_MODELS = [
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen/Qwen2.5-1.5B-Instruct",
+    "sbintuitions/sarashina2.2-1b",
+    "llm-jp/llm-jp-3-1.8b",
+    "google/gemma-2-2b-jpn-it",
+    "sbintuitions/sarashina2.2-3b",
+    "llm-jp/llm-jp-3-3.7b",
+    "Qwen/Qwen2.5-7B-Instruct",
+    "tokyotech-llm/Llama-3.1-Swallow-8B-v0.5",
+]
+PRESETS = {"reference": REFERENCE_MODELS, "modern": MODERN_MODELS, "llm": LLM_MODELS}
+# A preset's own learning rates and train.py options (used where --lrs or the option is not given).
+# llm: hppRC/llm-lora-classification's set-up on livedoor (LoRA r 32, alpha 16, dropout 0.1; batch 32,
+# 10 epochs, 1 warm-up epoch, gradient checkpointing; lrs 1e-4 to 1e-3, 5e-4 best for its 3.6 B model).
+DEFAULT_LRS = [1e-5, 3e-5, 5e-5]
+PRESET_LRS = {"llm": [1e-4, 3e-4, 5e-4, 1e-3]}
+PRESET_TRAIN_OPTIONS = {
+    "llm": {
+        "--lora_r": "32", "--lora_alpha": "16", "--lora_dropout": "0.1", "--batch_size": "32", "--epochs": "10",
+        "--num_warmup_epochs": "1", "--gradient_checkpointing": None,
+    },
+}  # fmt: skip
 
 # train.py options that the sweep sets itself for each run, with the sweep option to use instead.
 AXES = {
@@ -104,8 +136,8 @@ class Args(Tap):
     --batch_size 32; see `python src/train.py -h`) is passed to every train.py run unchanged."""
 
     models: list[str] | None = None  # models to fine-tune (hub names or local folders); default: those of --preset
-    preset: Literal["reference", "modern"] = "reference"  # model list when --models is not given: reference (its 17 models) or modern (ModernBERT-ja, llm-jp-modernbert, DeBERTa-v3-ja)
-    lrs: list[float] = [1e-5, 3e-5, 5e-5]  # learning rates tried for each model (best by mean val F1 in best.csv)
+    preset: Literal["reference", "modern", "llm"] = "reference"  # model list when --models is not given: reference (its 17 models), modern (ModernBERT-ja, llm-jp-modernbert, DeBERTa-v3-ja) or llm (decoder LLMs of 0.5-8 B with LoRA, hppRC/llm-lora-classification's lrs and options unless given)
+    lrs: list[float] | None = None  # learning rates tried for each model (best by mean val F1 in best.csv); default 1e-5 3e-5 5e-5 (--preset llm: 1e-4 3e-4 5e-4 1e-3)
     seeds: list[int] = [42]  # seeds: several give a mean and std per setting in best.csv
     dataset_dirs: list[Path] = [Path("datasets/livedoor")]  # datasets, e.g. datasets/livedoor/folds/{0..9} for 10-fold cross-validation
     output_root: Path = Path("outputs")  # train.py writes runs here; finished runs found here are skipped
@@ -120,6 +152,7 @@ class Args(Tap):
     slurm_array_parallelism: int = 256  # at most this many runs of the array at once (the %%M of Slurm's --array=0-N%%M)
     slurm_option: list[str] = []  # any other sbatch option as KEY=VALUE (or KEY for a flag), repeatable: --slurm_option account=abc --slurm_option qos=high
     no_wait: bool = False  # with --launcher slurm: submit, print the job id and return (rerun the same command later to aggregate)
+    claim_timeout: float = 600.0  # with --launcher local: seconds without a heartbeat after which another sweep process's claim on a combination is stale and taken over (a dead process on this host is noticed at once); the hosts' clocks must agree to well within it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # No abbreviations: `--lr 1e-5` must not silently mean `--lrs 1e-5`, nor `--seed` `--seeds`.
@@ -137,6 +170,12 @@ class Args(Tap):
     def process_args(self) -> None:
         if self.models is None:
             self.models = list(PRESETS[self.preset])
+        if self.lrs is None:
+            self.lrs = list(PRESET_LRS.get(self.preset, DEFAULT_LRS))
+        given = {token.split("=", 1)[0] for token in self.extra_args if token.startswith("--")}
+        for option, value in PRESET_TRAIN_OPTIONS.get(self.preset, {}).items():
+            if option not in given:  # forwarded to train.py like the user's own options; the user's win
+                self.extra_args += [option] if value is None else [option, value]
         for name in ("models", "lrs", "seeds", "dataset_dirs"):
             values = getattr(self, name)
             if not values:
@@ -147,6 +186,8 @@ class Args(Tap):
         for name in ("jobs", "gpus_per_run", "slurm_time", "slurm_array_parallelism"):
             if getattr(self, name) < 1:
                 self.error(f"--{name} must be at least 1")
+        if not self.claim_timeout > 0:
+            self.error("--claim_timeout must be above 0 seconds")
         if self.slurm_cpus_per_run is not None and self.slurm_cpus_per_run < 1:
             self.error("--slurm_cpus_per_run must be at least 1")
         if self.launcher == "local":
@@ -198,11 +239,15 @@ class Combination:
             "--dataset_dir", str(self.dataset_dir), "--output_root", str(output_root), *forwarded,
         ]  # fmt: skip
 
-    def log_name(self, index: int) -> str:
-        """A unique file name that tells the run: its number, model (as its run folders name it), lr, seed, dataset."""
+    def slug(self) -> str:
+        """The combination in a file name: model (as its run folders name it), lr, seed, dataset."""
         model = runs.run_dir_name(self.model_name, datetime.now()).parts[0]
-        name = f"{index:03d}_{model}_lr={self.lr:g}_seed={self.seed}_{'_'.join(self.dataset_dir.parts[-2:])}"
-        return re.sub(r"[^\w.=+-]+", "_", name) + ".log"
+        name = f"{model}_lr={self.lr:g}_seed={self.seed}_{'_'.join(self.dataset_dir.parts[-2:])}"
+        return re.sub(r"[^\w.=+-]+", "_", name)
+
+    def log_name(self, index: int) -> str:
+        """A unique file name that tells the run: its number, then its slug."""
+        return f"{index:03d}_{self.slug()}.log"
 
     def __str__(self) -> str:
         return f"{self.model_name} lr={self.lr:g} seed={self.seed} dataset={self.dataset_dir}"
@@ -230,19 +275,40 @@ def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
     return found
 
 
-def resumable_runs(output_root: Path) -> dict[frozenset[tuple[str, Any]], Path]:
-    """For each setting with an unfinished run that has a checkpoint under `output_root`, its newest such run folder."""
-    found = {}
-    for run_dir in aggregate.find_run_dirs(output_root):  # sorted: a later folder of a setting is a newer run
-        if not is_resumable(run_dir):
+def claim_name(combination: Combination, config: dict[str, Any]) -> str:
+    """The name of a combination's claim: readable, and the same in every sweep process with the same
+    setting (a digest of it: two sweeps that differ in a forwarded setting claim different names)."""
+    setting = sorted(aggregate.setting_of(config, repetitions=False).items())
+    digest = hashlib.sha256(utils.to_json(setting).encode("utf-8")).hexdigest()[:12]
+    return f"{combination.slug()[:150]}-{digest}"
+
+
+def resumable_run(output_root: Path, combination: Combination, key: frozenset[tuple[str, Any]]) -> Path | None:
+    """The newest RESUMABLE run folder of this setting under `output_root` (config.json and checkpoint.pt,
+    no test-metrics.json), or None. Only the model's own folder is searched."""
+    model_dir = output_root / runs.run_dir_name(combination.model_name, datetime.now()).parts[0]
+    found = []
+    for run_dir in aggregate.find_run_dirs(model_dir) if model_dir.is_dir() else []:
+        if aggregate.is_finished(run_dir) or not (run_dir / "checkpoint.pt").is_file():
             continue
         try:
             config = utils.load_json(run_dir / "config.json")
         except InputError:
             continue
-        if isinstance(config, dict):
-            found[setting_key(config)] = run_dir
-    return found
+        if isinstance(config, dict) and setting_key(config) == key:
+            found.append(run_dir)
+    return max(found, key=lambda d: (d / "checkpoint.pt").stat().st_mtime, default=None)
+
+
+def resume_argv(run_dir: Path, forwarded: Sequence[str]) -> list[str] | None:
+    """train.py's arguments to continue `run_dir`: --resume, and the forwarded options that are runtime
+    options (its settings come from its config.json). None when this train.py has no --resume."""
+    if "--resume" not in train_options():
+        return None
+    config = utils.load_json(run_dir / "config.json")
+    runtime = aggregate.not_setting_fields(config, repetitions=False) - set(aggregate.RUN_FACTS)
+    kept = [g for g in option_groups(forwarded) if g[0].removeprefix("--").split("=", 1)[0] in runtime]
+    return ["--resume", str(run_dir), *itertools.chain.from_iterable(kept)]
 
 
 def setting_id(config: dict[str, Any]) -> str:
@@ -335,7 +401,7 @@ def local_slots(args: Args, device: str, device_count: int, cores: int, environ:
     return gpu_slots(visible_gpus(environ, device_count), args.jobs, args.gpus_per_run, share)
 
 
-Runner = Callable[[Launch, Slot], int]  # a run in its slot -> exit code (0: success)
+Runner = Callable[[Launch, Slot], "int | None"]  # a run in its slot -> exit code (0: success), None: not run here (claimed elsewhere)
 
 
 # --- progress and failures ----------------------------------------------------------------------
@@ -466,20 +532,25 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
         free.put(slot)
     lock = threading.Lock()
     started: dict[int, float] = {}
+    not_started: list[int] = []
     RUNNING.reset()
 
     def work(index: int) -> int | None:
-        """The run's exit code, or None if the sweep was stopping before it started."""
+        """The run's exit code, or None: run elsewhere (another sweep process holds its claim), or not
+        started because the sweep is stopping (then counted in not_started)."""
         slot = free.get()  # never blocks: as many threads as slots
         try:
-            if RUNNING.stop_signal is not None:
-                return None
             with lock:
+                if RUNNING.stop_signal is not None:
+                    not_started.append(index)
+                    return None
                 started[index] = time.monotonic()
                 progress.running += 1
             try:
                 return run(launches[index], slot)
             except Stopping:
+                with lock:
+                    not_started.append(index)
                 return None
             finally:
                 with lock:
@@ -508,7 +579,9 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
                     index = futures[future]
                     launch, code = launches[index], future.result()
                     if code is None:
-                        continue  # never started
+                        if index not in not_started:  # another sweep process holds its claim: not a run of this process
+                            progress.total -= 1
+                        continue
                     seconds = format_seconds(time.monotonic() - started[index])
                     if relay.received and code != 0:
                         stopped += 1
@@ -524,13 +597,146 @@ def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: 
             pool.shutdown(wait=True, cancel_futures=True)
             progress.close()
     if relay.received:
-        not_started = len(launches) - len(started)
         raise utils.Interrupted(
             relay.received[0],
-            f"{stopped} run(s) stopped, {not_started} not started, no train.py left running; run the same command again to "
+            f"{stopped} run(s) stopped, {len(not_started)} not started, no train.py left running; run the same command again to "
             f"continue (a stopped run resumes from its last checkpoint)",
         )
     return failures
+
+
+# --- claims: any number of sweep processes share one grid ---------------------------------------
+
+CLAIMS_FOLDER = "sweep-claims"  # under OUTPUT_ROOT, seen by every process of the grid
+# Exit codes of a run stopped by a signal (train.py: 130 on SIGINT, 143 on SIGTERM, its folder resumable):
+# its claim is given back, free for the next process, rather than recorded as a failure.
+INTERRUPTED = frozenset([130, 143, -signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP])
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A combination to run, as the claims see it: its claim's name and its setting."""
+
+    combination: Combination
+    claim: str
+    key: frozenset[tuple[str, Any]]
+
+
+class ClaimingRunner:
+    """Runs a launch only when this process wins its combination's claim, and ends the claim with the
+    run's outcome. Returns None, running nothing, when another sweep process holds the claim or settled
+    the combination while this one ran. A combination run again resumes its run folder when that has a
+    checkpoint (a stale claim taken over, an interrupted sweep run again) and train.py can resume."""
+
+    def __init__(self, run: Runner, held: claims.Claims, planned: dict[str, Planned], output_root: Path, forwarded: Sequence[str]) -> None:
+        self.run, self.held, self.planned = run, held, planned
+        self.output_root, self.forwarded = output_root, list(forwarded)
+        self.note: Callable[[str], None] = print
+        self.ran: dict[str, int] = {}  # title -> exit code, for the runs of this process
+        self.elsewhere: dict[str, claims.Record] = {}  # title -> the claim that kept it from this process
+
+    def __call__(self, launch: Launch, slot: Slot) -> int | None:
+        plan = self.planned[launch.title]
+        got = self.held.claim(plan.claim, launch.title, str(launch.log_path))
+        if isinstance(got, claims.Record):
+            self.elsewhere[launch.title] = got
+            return None
+        self.elsewhere.pop(launch.title, None)
+        if got.stale_reason and got.previous is not None:
+            self.note(f"sweep: taking over {launch.title} from {got.previous.holder}: {got.stale_reason}")
+        try:
+            self.resume(launch, plan)
+            code = self.run(launch, slot)
+        except BaseException:
+            self.held.release(got, claims.RELEASED, "given back unfinished")
+            raise
+        state = claims.DONE if code == 0 else claims.RELEASED if code in INTERRUPTED else claims.FAILED
+        self.held.release(got, state, "" if code == 0 else describe_exit(code))
+        self.ran[launch.title] = code
+        return code
+
+    def resume(self, launch: Launch, plan: Planned) -> None:
+        """Continue the combination's resumable run folder, if it has one, instead of starting again."""
+        run_dir = resumable_run(self.output_root, plan.combination, plan.key)
+        if run_dir is None:
+            return
+        argv = resume_argv(run_dir, self.forwarded)
+        if argv is None:
+            self.note(f"sweep: {launch.title}: {run_dir} has a checkpoint, but this train.py cannot resume; the run starts again")
+            return
+        launch.argv = argv
+        self.note(f"sweep: {launch.title}: resuming {run_dir}")
+
+
+def run_claimed(launches: list[Launch], slots: list[Slot], runner: ClaimingRunner, progress: Progress) -> list[Failure]:
+    """Run, `len(slots)` at a time, the launches whose claims this process wins; return the failures.
+
+    Claims are taken one at a time, as slots free up. What another process held is tried again after a
+    pass that ran something (its holder may have ended, or died, meanwhile); the process ends after a
+    pass that ran nothing: nothing is left to claim.
+    """
+    failures: list[Failure] = []
+    pending = launches
+    while pending:
+        runner.note = progress.note
+        ran_before = len(runner.ran)
+        failures += run_local(pending, slots, runner, progress)
+        if len(runner.ran) == ran_before:
+            break
+        pending = [launch for launch in pending if launch.title in runner.elsewhere and runner.elsewhere[launch.title].state == claims.RUNNING]
+        progress = Progress(len(pending))
+    return failures
+
+
+def report_claims(runner: ClaimingRunner, total: int) -> int:
+    """When other sweep processes shared the grid: what this one ran, what they ran or still run.
+    Returns how many runs still run elsewhere."""
+    if not runner.elsewhere:
+        return 0
+    now, snapshot = time.time(), runner.held.snapshot()
+    records = [snapshot.get(runner.planned[title].claim, record) for title, record in runner.elsewhere.items()]
+    by_state: dict[str, list[claims.Record]] = {}
+    for record in records:
+        by_state.setdefault(record.state, []).append(record)
+    done_by: dict[str, int] = {}
+    for record in by_state.get(claims.DONE, []):
+        done_by[record.holder] = done_by.get(record.holder, 0) + 1
+    failed_here = sum(code != 0 for code in runner.ran.values())
+    running = by_state.get(claims.RUNNING, [])
+    print(
+        f"sweep: this process ({claims.HOST} pid {os.getpid()}) ran {len(runner.ran)} of the {total} combinations to run "
+        f"({len(runner.ran) - failed_here} done, {failed_here} failed); other sweep processes: "
+        f"{len(by_state.get(claims.DONE, []))} done, {len(by_state.get(claims.FAILED, []))} failed, {len(running)} still running",
+        flush=True,
+    )
+    if done_by:
+        print("  done elsewhere: " + ", ".join(f"{holder}: {count}" for holder, count in sorted(done_by.items())), flush=True)
+    for record in [*by_state.get(claims.FAILED, []), *running, *by_state.get(claims.RELEASED, [])]:
+        print(f"  {claims.describe(record, now)}", flush=True)
+    if running:
+        print(f"sweep: {len(running)} run(s) still running elsewhere: the sweep process that ends last aggregates them too", flush=True)
+    return len(running)
+
+
+def say_claimed(held: claims.Claims, planned: dict[str, Planned]) -> None:
+    """Say how many combinations to run other sweep processes hold now (they are left to them)."""
+    snapshot = held.snapshot()
+    now = time.time()
+    holders = [
+        record.holder for plan in planned.values()
+        if (record := snapshot.get(plan.claim)) is not None and record.state == claims.RUNNING and record.stale_reason(held.timeout, now) is None
+    ]  # fmt: skip
+    if holders:
+        print(
+            f"sweep: {len(holders)} of them are running in other sweep processes ({', '.join(sorted(set(holders)))}): "
+            f"this process takes the others",
+            flush=True,
+        )
+
+
+def aggregate_lock(results_dir: Path) -> str:
+    """The name of the lock that orders the aggregations into `results_dir`."""
+    return "aggregate-" + hashlib.sha256(str(results_dir.resolve()).encode("utf-8")).hexdigest()[:12]
 
 
 # --- the Slurm launcher (submitit) ---------------------------------------------------------------
@@ -758,17 +964,23 @@ def run_slurm(args: Args, launches: list[Launch], queued: list[Queued], folder: 
 # --- the sweep ------------------------------------------------------------------------------------
 
 
-def aggregate_and_report(args: Args, failures: list[Failure], total: int) -> None:
-    """aggregate.py over OUTPUT_ROOT; then, if any run failed, the list of failures (exit code 1)."""
+def aggregate_and_report(args: Args, failures: list[Failure], total: int, held: claims.Claims | None = None, running_elsewhere: int = 0) -> None:
+    """aggregate.py over OUTPUT_ROOT; then, if any run failed, the list of failures (exit code 1).
+
+    With `held`, one process aggregates at a time (a lock in the claims folder): each reads every run
+    finished when its turn comes, so the process that ends last writes the complete results.
+    """
     aggregate_args = aggregate.Args().parse_args(["--input_dir", str(args.output_root), "--output_dir", str(args.results_dir)])
-    if not failures:
-        aggregate.main(aggregate_args)
-        return
+    lock = held.exclusive(aggregate_lock(args.results_dir), f"aggregating into {args.results_dir}") if held else contextlib.nullcontext()
     try:
-        aggregate.main(aggregate_args)
+        with lock:
+            aggregate.main(aggregate_args)
     except InputError as e:  # e.g. no finished run at all: still report the failures below
+        if not failures and not running_elsewhere:
+            raise
         print(f"aggregate: {e}", file=sys.stderr)
-    raise RunsFailed(failures, total)
+    if failures:
+        raise RunsFailed(failures, total)
 
 
 def oversubscription(jobs: int, nproc: int, cores: int) -> str | None:
@@ -806,48 +1018,63 @@ def main(args: Args, run: Runner = run_logged) -> None:
     todo = [(c, config) for c, config in todo if setting_id(config) not in in_queue]
 
     # Each run's output goes to its own log file, in a folder per sweep invocation. A combination with
-    # an unfinished run that has a checkpoint resumes it: its settings are in its config.json.
+    # an unfinished run that has a checkpoint resumes it (its settings are in its config.json): on Slurm as
+    # planned here; locally when this process wins its claim (ClaimingRunner.resume), as things are then.
     log_dir = args.output_root / "sweep-logs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    resumable = resumable_runs(args.output_root)
     runtime = runtime_options(args.extra_args)
-    launches = []
+    launches, resumes = [], {}
     for i, (c, config) in enumerate(todo, start=1):
-        resume = resumable.get(setting_key(config))
-        argv = ["--resume", str(resume), *runtime] if resume else c.train_argv(args.output_root, args.extra_args)
-        title = f"{c} (resuming {resume})" if resume else str(c)
-        launches.append(Launch(title, argv, args.gpus_per_run, log_dir / c.log_name(i), runtime_argv=runtime, setting=setting_id(config)))
+        launch = Launch(str(c), c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i), runtime, setting_id(config))
+        run_dir = resumable_run(args.output_root, c, setting_key(config))
+        argv = resume_argv(run_dir, args.extra_args) if run_dir is not None else None
+        if argv is not None:
+            resumes[launch.title] = run_dir
+            if args.launcher == "slurm" or args.dry_run:
+                launch.argv = argv
+        launches.append(launch)
 
     shape = f"{len(args.models)} models x {len(args.lrs)} lrs x {len(args.seeds)} seeds x {len(args.dataset_dirs)} datasets"
-    resumes = sum(launch.argv[0] == "--resume" for launch in launches)
     print(
         f"sweep: {len(combinations)} combinations ({shape}), {len(combinations) - len(todo) - len(queued)} already done, "
-        f"{len(todo)} to run" + (f" ({resumes} of them resume a run from its checkpoint)" if resumes else "")
+        f"{len(todo)} to run" + (f" ({len(resumes)} of them resume a run from its checkpoint)" if resumes else "")
         + (f", {len(queued)} still in Slurm's queue" if queued else "") + f"; outputs in {args.output_root}",
         flush=True,
     )  # fmt: skip
+    held = claims.Claims(args.output_root / CLAIMS_FOLDER, args.claim_timeout)
+    planned = {str(c): Planned(c, claim_name(c, config), setting_key(config)) for c, config in todo}
+    if args.launcher == "local":
+        say_claimed(held, planned)
     if args.dry_run:
         for i, launch in enumerate(launches, start=1):
-            print(f"[{i}/{len(launches)}] {launch.title}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
+            resuming = f" (resuming {resumes[launch.title]})" if launch.title in resumes else ""
+            print(f"[{i}/{len(launches)}] {launch.title}{resuming}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
         return
 
     device = configs[0]["device"]
     progress = Progress(len(launches) + len(queued))
-    if not launches and not queued:
-        failures: list[Failure] | None = []
-    elif slurm:
-        # The submitting machine may have no GPU: --device says what the runs need.
-        failures = run_slurm(args, launches, queued, log_dir / "slurm", wants_gpus(device), progress)
-        if failures is None:  # --no_wait
-            return
-    else:
-        cores = utils.available_cpus()
-        slots = local_slots(args, device, torch.cuda.device_count(), cores, os.environ)
-        print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
-        if "CUDA_VISIBLE_DEVICES" not in slots[0].env and (warning := oversubscription(args.jobs, args.gpus_per_run, cores)):
-            print(warning, file=sys.stderr, flush=True)
-        failures = run_local(launches, slots, run, progress)
+    with held:  # its heartbeat lasts until the aggregation is written
+        running_elsewhere = 0
+        if not launches and not queued:
+            failures: list[Failure] | None = []
+        elif slurm:
+            for title, run_dir in resumes.items():
+                print(f"sweep: {title}: resuming {run_dir}", flush=True)
+            # The submitting machine may have no GPU: --device says what the runs need.
+            failures = run_slurm(args, launches, queued, log_dir / "slurm", wants_gpus(device), progress)
+            if failures is None:  # --no_wait
+                return
+        else:
+            cores = utils.available_cpus()
+            slots = local_slots(args, device, torch.cuda.device_count(), cores, os.environ)
+            print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
+            if "CUDA_VISIBLE_DEVICES" not in slots[0].env and (warning := oversubscription(args.jobs, args.gpus_per_run, cores)):
+                print(warning, file=sys.stderr, flush=True)
+            # Any number of sweep processes with this grid share it: each runs what it claims first.
+            runner = ClaimingRunner(run, held, planned, args.output_root, args.extra_args)
+            failures = run_claimed(launches, slots, runner, progress)
+            running_elsewhere = report_claims(runner, len(launches))
 
-    aggregate_and_report(args, failures, len(launches) + len(queued))
+        aggregate_and_report(args, failures, len(launches) + len(queued), held, running_elsewhere)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

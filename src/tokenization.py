@@ -1,35 +1,41 @@
 """Text to token ids, for train.py and predict.py: once per corpus and tokenizer.
 
-- Two ways to encode, with identical ids: the tokenizer's own transformers code, or, for MeCab +
-  WordPiece tokenizers (the cl-tohoku word models), a fast path: the same MeCab, then WordPiece in
-  Rust (the `tokenizers` library), each distinct word encoded once, and only as much of a long body
-  as truncation keeps.
-- Pairs are truncated in their last text (the body) only, as the reference does; a first text (the
-  title) that alone leaves no room is truncated too, and the body left out (counted and reported).
+- One input layout (InputLayout: the text fields, max_seq_len, how the last text is truncated) for
+  train.py, predict.py, the saved model's config and the cache key.
+- Every text is tokenised whole and alone; then the last text (the body) is truncated as the layout
+  says (its head, its tail, or both ends), and the tokenizer's own special tokens go around the texts.
+  Each split reports how many examples truncation cut and how many tokens it dropped.
+- Two ways to get a text's tokens, with identical ids: the tokenizer's own transformers code, or, for
+  MeCab + WordPiece tokenizers (the cl-tohoku word models), a fast path: the same MeCab over the same
+  whole text, then WordPiece in Rust (the `tokenizers` library), each distinct word encoded once.
+- A first text (the title) that alone leaves no room is truncated too, and the body left out
+  (counted and reported).
 - Worker processes: one per CPU core this process may use (its affinity), shared among torchrun's
   local processes.
-- An on-disk cache of tokenised splits, keyed by the contents of the tokenizer's and the dataset's
-  files and by the input layout, shared by the runs of a sweep and by torchrun ranks: a file lock
-  lets one process tokenise while the others wait and read; entries are written atomically.
+- An on-disk cache of tokenised splits, keyed by the contents of the tokenizer's, the dataset's and
+  the MeCab dictionary's files, the libraries' versions and the input layout, shared by the runs of a
+  sweep and by torchrun ranks: a file lock lets one process tokenise while the others wait and read;
+  entries are written atomically. The cache is optional: when it cannot be used, the run says so and
+  goes on without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.metadata
 import math
 import os
 import tempfile
 import time
 import unicodedata
 import zipfile
-from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import chain, product
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 import tokenizers
@@ -46,9 +52,67 @@ try:  # POSIX; elsewhere the cache works without a lock (two runs may both token
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-CACHE_FORMAT = 1  # bump when the entry layout or the encoding rules change: old entries become misses
-PREFIX_MARGIN = 200  # characters of a body prefix whose words are not trusted (MeCab may cut them otherwise in the whole text)
+CACHE_FORMAT = 2  # bump when the entry layout or the encoding rules change: old entries become misses
 MAX_WORKERS = 8
+TRUNCATION_MODES = ("head", "tail", "head_tail")
+
+
+# --- the input layout -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """What the model reads of a row: train.py's flags, a saved model's config, part of the cache key.
+
+    truncation: what of the last text (the body) is kept when the example is too long: its head (the
+    reference), its tail, or head_tail (Sun et al. 2019, "How to Fine-Tune BERT for Text
+    Classification?": the first 128 and the last 382 tokens at 512): head_tokens from its start and
+    the rest of the room from its end. head_tokens defaults to 128 at 512, scaled to max_seq_len.
+    """
+
+    text_fields: tuple[str, ...] = ("title", "body")
+    max_seq_len: int = 512
+    truncation: str = "head"
+    head_tokens: int | None = None  # head_tail only; None: max_seq_len / 4 (128 at 512)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_fields", tuple(self.text_fields))
+        if not 1 <= len(self.text_fields) <= 2 or not all(isinstance(name, str) for name in self.text_fields):
+            raise InputError(f"text_fields must be one field name or two, got {list(self.text_fields)!r}")
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
+            raise InputError(f"max_seq_len must be a positive integer, got {self.max_seq_len!r}")
+        if self.truncation not in TRUNCATION_MODES:
+            raise InputError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got {self.truncation!r}")
+        if self.truncation != "head_tail":
+            if self.head_tokens is not None:
+                raise InputError(f"head_tokens applies to truncation head_tail only (truncation is {self.truncation})")
+            return
+        if self.head_tokens is None:
+            object.__setattr__(self, "head_tokens", round(self.max_seq_len / 4))  # Sun et al.: 128 of 512
+        if not isinstance(self.head_tokens, int) or not 0 <= self.head_tokens < self.max_seq_len:
+            raise InputError(f"head_tokens must be at least 0 and below max_seq_len {self.max_seq_len}, got {self.head_tokens!r}")
+
+    @classmethod
+    def of(cls, source: Any) -> InputLayout:
+        """The layout in train.py's Args or in a saved model's config; models saved before truncation modes kept the head."""
+        default = cls()
+        return cls(
+            tuple(getattr(source, "text_fields", None) or default.text_fields),
+            getattr(source, "max_seq_len", None) or default.max_seq_len,
+            getattr(source, "truncation", None) or default.truncation,
+            getattr(source, "head_tokens", None),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (a saved model's config.json, the cache key)."""
+        return {"text_fields": list(self.text_fields), "max_seq_len": self.max_seq_len, "truncation": self.truncation, "head_tokens": self.head_tokens}
+
+    def describe(self) -> str:
+        kept = {"head": "its start", "tail": "its end", "head_tail": f"its first {self.head_tokens} tokens and the rest from its end"}
+        return (
+            f"{' + '.join(self.text_fields)}, at most {self.max_seq_len} tokens; truncation {self.truncation}: "
+            f"a {self.text_fields[-1]} that does not fit keeps {kept[self.truncation]}"
+        )
 
 
 # --- encoded examples -------------------------------------------------------------------------
@@ -61,21 +125,26 @@ class Encoded:
     input_ids: np.ndarray  # int32, every example's ids one after the other
     offsets: np.ndarray  # int64, len(examples) + 1: example i is input_ids[offsets[i]:offsets[i + 1]]
     token_type_ids: np.ndarray | None  # int8 beside input_ids, or None when the model takes none
+    dropped: np.ndarray  # int32 per example: text tokens that truncation left out (0: the example fits)
     cut_titles: int  # examples whose first text alone left no room: truncated, the last text left out
 
     @classmethod
-    def from_lists(cls, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, cut_titles: int) -> Encoded:
+    def from_lists(
+        cls, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, dropped: Sequence[int], cut_titles: int
+    ) -> Encoded:
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum([len(row) for row in ids], out=offsets[1:])
         flat_types = None if types is None else np.fromiter(chain.from_iterable(types), dtype=np.int8, count=int(offsets[-1]))
-        return cls(np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1])), offsets, flat_types, cut_titles)
+        flat_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
+        return cls(flat_ids, offsets, flat_types, np.asarray(dropped, dtype=np.int32).reshape(-1), cut_titles)
 
     @classmethod
     def concat(cls, parts: Sequence[Encoded]) -> Encoded:
         lengths = np.concatenate([np.diff(part.offsets) for part in parts])
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         types = None if parts[0].token_type_ids is None else np.concatenate([part.token_type_ids for part in parts])
-        return cls(np.concatenate([part.input_ids for part in parts]), offsets, types, sum(part.cut_titles for part in parts))
+        dropped = np.concatenate([part.dropped for part in parts])
+        return cls(np.concatenate([part.input_ids for part in parts]), offsets, types, dropped, sum(part.cut_titles for part in parts))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -91,79 +160,203 @@ class Encoded:
         """Examples ready for batching (data.collate): token ids, label and position in the split."""
         return [{**self.example(i), "label": label, "index": i} for i, label in enumerate(labels)]
 
+    def truncation_report(self) -> dict[str, int | float]:
+        """How much truncation removed: examples cut, their share, and the mean tokens dropped per cut example."""
+        cut = self.dropped > 0
+        return {
+            "examples": len(self),
+            "truncated": int(cut.sum()),
+            "truncated_share": round(float(cut.mean()), 4) if len(self) else 0.0,
+            "mean_tokens_dropped_per_truncated_example": round(float(self.dropped[cut].mean()), 1) if cut.any() else 0.0,
+        }
+
 
 def wants_token_type_ids(config: transformers.PretrainedConfig, text_fields: Sequence[str]) -> bool:
     """Segment ids matter for pairs on models trained with them (BERT: 2 types; RoBERTa-like: 1)."""
     return len(text_fields) == 2 and getattr(config, "type_vocab_size", 1) > 1
 
 
-def texts_of(rows: Sequence[dict], text_fields: Sequence[str]) -> list[list[str]]:
-    return [[row[field] for field in text_fields] for row in rows]
+def text_separator(tokenizer: PreTrainedTokenizerBase, text_fields: Sequence[str]) -> str | None:
+    """How a pair reaches a tokenizer without a separator token (the decoder LLMs: Llama, Qwen, Gemma, Mistral).
+
+    Their own pair encoding runs the texts together with nothing between (Qwen) or repeats the
+    begin-of-text token (Llama 3). They read one text instead, the fields joined by a newline, as in
+    hppRC/llm-lora-classification's best template f"{title}\n{body}"; head truncation keeps its start,
+    so the body is cut and the title kept. None: a pair goes to the tokenizer as a pair
+    ([CLS] title [SEP] body [SEP] and the like).
+    """
+    return "\n" if len(text_fields) == 2 and tokenizer.sep_token is None else None
 
 
-# --- the tokenizer's own path -----------------------------------------------------------------
+def texts_of(rows: Sequence[dict], text_fields: Sequence[str], separator: str | None = None) -> list[list[str]]:
+    """The texts of each row: its text fields, or with a separator (text_separator) one text, the fields joined by it."""
+    if separator is not None:
+        return [[separator.join(row[name] for name in text_fields)] for row in rows]
+    return [[row[name] for name in text_fields] for row in rows]
 
 
-def room_for_text(tokenizer: PreTrainedTokenizerBase, max_seq_len: int, pair: bool) -> int:
+def truncation_note(where: str, report: Mapping[str, int | float], layout: InputLayout) -> str:
+    """One line of a split's (or predict.py input's) truncation report."""
+    return (
+        f"{where}: {report['truncated']:,} of {report['examples']:,} examples truncated ({report['truncated_share']:.1%}) at "
+        f"{layout.max_seq_len} tokens, {layout.truncation} truncation; {report['mean_tokens_dropped_per_truncated_example']:,.1f} "
+        f"tokens dropped per truncated example (mean)"
+    )
+
+
+def cut_titles_note(where: str, count: int, text_fields: Sequence[str], limit: str) -> str:
+    """The report of rows whose first text alone filled the length limit (train.py per split, predict.py per input)."""
+    return f"{where}: {count} row(s) whose {text_fields[0]} alone fills {limit}: {text_fields[0]} truncated to fit, {text_fields[-1]} left out"
+
+
+# --- truncation and special tokens ------------------------------------------------------------
+
+
+def keep(ids: list[int], budget: int, layout: InputLayout) -> list[int]:
+    """What truncation keeps of a text's ids in `budget` tokens: its head, its tail, or head_tokens of its head and the rest from its tail."""
+    if len(ids) <= budget:
+        return ids
+    if layout.truncation == "head":
+        return ids[:budget]
+    head = 0 if layout.truncation == "tail" else min(layout.head_tokens, budget)
+    return ids[:head] + ids[len(ids) - (budget - head) :]
+
+
+def fit(texts: Sequence[list[int]], room: int, layout: InputLayout) -> tuple[list[list[int]], bool]:
+    """The ids of one example's texts that fit in ROOM tokens, and whether its first text alone filled the room.
+
+    The last text is truncated as the layout says (the reference truncates the body only). A first
+    text (the title) that alone leaves no room is cut to the room (its head) and the last left out.
+    """
+    *first, last = texts
+    if first and len(first[0]) >= room:
+        return [first[0][:room], []], True
+    return [*first, keep(last, room - sum(map(len, first)), layout)], False
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special tokens a tokenizer puts around one text or a pair, with the segment ids, read off its own output."""
+
+    parts: tuple[tuple[int, ...], ...]  # ids before, (between,) and after the text(s)
+    part_types: tuple[tuple[int, ...], ...]  # their segment ids
+    text_types: tuple[int, ...]  # the segment id of each text's tokens
+
+    @property
+    def count(self) -> int:
+        return sum(map(len, self.parts))
+
+    def wrap(self, texts: Sequence[list[int]]) -> tuple[list[int], list[int]]:
+        """(input_ids, token_type_ids) of the texts with the special tokens around them."""
+        ids, types = list(self.parts[0]), list(self.part_types[0])
+        for text, text_type, part, part_types in zip(texts, self.text_types, self.parts[1:], self.part_types[1:]):
+            ids += text
+            ids += part
+            types += [text_type] * len(text)
+            types += part_types
+        return ids, types
+
+
+# Probes of different lengths: only the true template fits both.
+SPECIAL_TOKEN_PROBES = (("1", "2 3"), ("4 5 6", "7"))
+
+
+def learn_special_tokens(tokenizer: PreTrainedTokenizerBase, num_texts: int) -> SpecialTokens:
+    """Where the tokenizer puts its special tokens (BERT: [CLS] a [SEP] b [SEP]; RoBERTa: <s> a </s></s> b </s>).
+
+    Read off the tokenizer's own output for probe texts, not from a table of tokenizer classes: each
+    probe is encoded with the special tokens and each of its texts alone without them, and the
+    template is what surrounds the texts in the former. It holds for the whole corpus because
+    templates do not depend on the text (tests/test_tokenization.py compares, for every model family,
+    the head truncation built with it against the tokenizer's own truncation).
+    """
+    fitting: set[SpecialTokens] | None = None
+    for probe in SPECIAL_TOKEN_PROBES:
+        texts = probe[:num_texts]
+        own = tokenizer(*texts, return_token_type_ids=True, return_attention_mask=False)
+        ids, types = own["input_ids"], own.get("token_type_ids") or [0] * len(own["input_ids"])
+        alone = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        found = set(templates_around(ids, types, alone))
+        fitting = found if fitting is None else fitting & found
+    if not fitting or len(fitting) > 1:
+        raise InputError(f"cannot tell where {type(tokenizer).__name__} puts its special tokens (probe texts {SPECIAL_TOKEN_PROBES}); use another tokenizer")
+    return fitting.pop()
+
+
+def templates_around(ids: list[int], types: list[int], texts: list[list[int]]) -> Iterator[SpecialTokens]:
+    """Every way of reading IDS as special tokens around TEXTS, in order, each text's tokens of one segment id."""
+    count = len(ids) - sum(map(len, texts))
+    for sizes in product(range(count + 1), repeat=len(texts)):  # tokens before each text
+        if sum(sizes) > count:
+            continue
+        parts, part_types, text_types, at = [], [], [], 0
+        for size, text in zip(sizes, texts):
+            if ids[at + size : at + size + len(text)] != text or len(set(types[at + size : at + size + len(text)])) > 1:
+                break
+            parts.append(tuple(ids[at : at + size]))
+            part_types.append(tuple(types[at : at + size]))
+            text_types.append(types[at + size] if text else 0)
+            at += size + len(text)
+        else:
+            yield SpecialTokens((*parts, tuple(ids[at:])), (*part_types, tuple(types[at:])), tuple(text_types))
+
+
+def room_for_text(special: SpecialTokens, max_seq_len: int) -> int:
     """Tokens left for the text(s) once the special tokens are in; none left is an error."""
-    room = max_seq_len - tokenizer.num_special_tokens_to_add(pair=pair)
+    room = max_seq_len - special.count
     if room < 1:
-        raise InputError(f"--max_seq_len {max_seq_len} leaves no room for text: the special tokens alone take {max_seq_len - room}")
+        raise InputError(f"--max_seq_len {max_seq_len} leaves no room for text: the special tokens alone take {special.count}")
     return room
 
 
-def encode_slow(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[Sequence[str]], max_seq_len: int, token_type_ids: bool
-) -> Encoded:
-    """Token ids by the tokenizer itself: one text, or a pair whose second text alone is truncated (as the reference).
-
-    A first text that alone leaves no room for the second (a title longer than max_seq_len) is
-    truncated as well and the second left out, instead of stopping the run. Transformers 5 returns
-    no token_type_ids unless asked, so pairs would lose their segment ids: ask whenever the model
-    has more than one token type.
-    """
-    if not texts:
-        return Encoded.from_lists([], [] if token_type_ids else None, 0)
-    columns = [list(column) for column in zip(*texts)]
-    room = room_for_text(tokenizer, max_seq_len, pair=len(columns) == 2)
-    options = {"max_length": max_seq_len, "return_token_type_ids": token_type_ids, "return_attention_mask": False}
-    if len(columns) == 1:
-        encoded = tokenizer(columns[0], truncation=True, **options)
-        return Encoded.from_lists(encoded["input_ids"], encoded.get("token_type_ids") if token_type_ids else None, 0)
-
-    first_lengths = [len(ids) for ids in tokenizer(columns[0], add_special_tokens=False)["input_ids"]]
-    cut = [i for i, length in enumerate(first_lengths) if length >= room]
-    for i in cut:  # the first text alone fills max_seq_len: keep what fits of it, and none of the second
-        columns[1][i] = ""
-    ids: list[list[int]] = [[] for _ in texts]
-    types: list[list[int]] = [[] for _ in texts]
-    for rows, truncation in ((sorted(set(range(len(texts))) - set(cut)), "only_second"), (cut, "only_first")):
-        if rows:
-            encoded = tokenizer([columns[0][i] for i in rows], [columns[1][i] for i in rows], truncation=truncation, **options)
-            for j, i in enumerate(rows):
-                ids[i] = encoded["input_ids"][j]
-                types[i] = encoded["token_type_ids"][j] if token_type_ids else []
-    return Encoded.from_lists(ids, types if token_type_ids else None, len(cut))
+# --- encoders: the tokenizer's own path and the fast path -------------------------------------
 
 
-class Encoder(Protocol):
+class Encoder:
+    """Rows of texts to Encoded: each text's ids (text_ids, by the subclass), then fit, then the special tokens."""
+
     description: str
 
-    def __call__(self, texts: Sequence[Sequence[str]], max_seq_len: int, token_type_ids: bool) -> Encoded: ...
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.special: dict[int, SpecialTokens] = {}
+
+    def text_ids(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, whole and alone, without special tokens."""
+        raise NotImplementedError
+
+    def special_tokens(self, num_texts: int) -> SpecialTokens:
+        if num_texts not in self.special:
+            self.special[num_texts] = learn_special_tokens(self.tokenizer, num_texts)
+        return self.special[num_texts]
+
+    def __call__(self, texts: Sequence[Sequence[str]], layout: InputLayout, token_type_ids: bool) -> Encoded:
+        if not texts:
+            return Encoded.from_lists([], [] if token_type_ids else None, [], 0)
+        special = self.special_tokens(len(texts[0]))
+        room = room_for_text(special, layout.max_seq_len)
+        columns = [self.text_ids([row[i] for row in texts]) for i in range(len(texts[0]))]
+        ids, types, dropped, cut_titles = [], [], [], 0
+        for whole in zip(*columns):
+            kept, cut_title = fit(whole, room, layout)
+            example_ids, example_types = special.wrap(kept)
+            ids.append(example_ids)
+            types.append(example_types)
+            dropped.append(sum(map(len, whole)) - sum(map(len, kept)))
+            cut_titles += cut_title
+        return Encoded.from_lists(ids, types if token_type_ids else None, dropped, cut_titles)
 
 
-class SlowEncoder:
-    """The tokenizer as transformers runs it."""
+class SlowEncoder(Encoder):
+    """The tokenizer as transformers runs it: each text through its own code (any tokenizer class)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, reason: str) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.description = f"{type(tokenizer).__name__}'s own {'fast (Rust)' if tokenizer.is_fast else 'Python'} code ({reason})"
 
-    def __call__(self, texts: Sequence[Sequence[str]], max_seq_len: int, token_type_ids: bool) -> Encoded:
-        return encode_slow(self.tokenizer, texts, max_seq_len, token_type_ids)
-
-
-# --- the fast path for MeCab + WordPiece ------------------------------------------------------
+    def text_ids(self, texts: list[str]) -> list[list[int]]:
+        # verbose=False: a whole body longer than the model is expected here (truncation comes next), not worth a warning.
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
 
 
 def fast_path_problem(tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -192,22 +385,21 @@ def fast_path_problem(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return None
 
 
-class MecabWordPieceEncoder:
-    """BertJapaneseTokenizer's ids, faster: its MeCab, then WordPiece in Rust, then its special tokens.
+class MecabWordPieceEncoder(Encoder):
+    """BertJapaneseTokenizer's ids, faster: its MeCab over the whole text, then WordPiece in Rust.
 
     - Words come from a MeCab tagger built by the tokenizer's own MecabTokenizer class with its own
       options (dictionary, mecabrc, normalisation), asked for plain space-separated words instead of
-      one Python object per word.
+      one Python object per word. MeCab reads the whole text, as the tokenizer does: its best path
+      over a long ambiguous run (の の の ...) can change how the text splits far before the end, so
+      no prefix of the text is a safe stand-in for it.
     - Each distinct word is encoded once (by `tokenizers`' WordPiece with the same vocabulary, unknown
       token and max_input_chars_per_word) and remembered.
-    - A long body is given to MeCab as a prefix long enough for what truncation keeps, grown if not:
-      the words of its last PREFIX_MARGIN characters, which the rest of the text could segment
-      differently, are not used.
-    - A row that contains a special token's text ([SEP], ...) is left to the tokenizer itself.
+    - A text that contains a special token's text ([SEP], ...) is left to the tokenizer itself.
     """
 
     def __init__(self, tokenizer: BertJapaneseTokenizer) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.description = "fast path: MeCab words (fugashi, the tokenizer's own options) + WordPiece in Rust (tokenizers)"
         self._build()
 
@@ -229,15 +421,17 @@ class MecabWordPieceEncoder:
         self.memo: dict[str, list[int]] = {}
 
     def __getstate__(self) -> dict:  # the tagger is not picklable: worker processes build their own
-        return {"tokenizer": self.tokenizer}
+        return {"tokenizer": self.tokenizer, "special": self.special}
 
     def __setstate__(self, state: dict) -> None:
-        self.tokenizer = state["tokenizer"]
+        self.tokenizer, self.special = state["tokenizer"], state["special"]
         self.description = ""
         self._build()
 
     def words(self, text: str) -> list[str]:
-        """The word tokenizer's words (the text already normalised), split on white space as WordPiece splits them."""
+        """The word tokenizer's words of the whole text, split on white space as WordPiece splits them."""
+        if self.normalize:
+            text = unicodedata.normalize("NFKC", text)
         words = self.tagger.parse(text).split()
         if self.lower_case:
             words = [word if word in self.never_split else word.lower() for word in words]
@@ -245,59 +439,19 @@ class MecabWordPieceEncoder:
 
     def word_ids(self, words: list[str]) -> list[int]:
         memo = self.memo
-        new = [word for word in dict.fromkeys(words) if word not in memo]
+        new = [word for word in set(words) if word not in memo]
         if new:
             for word, encoding in zip(new, self.wordpiece.encode_batch([[word] for word in new], is_pretokenized=True, add_special_tokens=False)):
                 memo[word] = encoding.ids
-        return [i for word in words for i in memo[word]]
+        return list(chain.from_iterable(map(memo.__getitem__, words)))
 
-    def text_ids(self, text: str, budget: int | None) -> list[int]:
-        """Ids of the text, or of its first `budget` tokens, from as short a prefix as gives them for sure."""
-        if self.normalize:
-            text = unicodedata.normalize("NFKC", text)
-        if budget is not None and budget <= 0:
-            return []
-        # Every token covers at least one character; Japanese averages 1-2 characters per token.
-        limit = len(text) if budget is None else 2 * budget + 2 * PREFIX_MARGIN
-        while True:
-            whole = limit >= len(text)
-            words = self.words(text if whole else text[:limit])
-            if not whole and words:
-                ends = list(accumulate(map(len, words)))
-                words = words[: bisect_right(ends, ends[-1] - PREFIX_MARGIN)]
-            ids = self.word_ids(words)
-            if whole or len(ids) >= budget:
-                return ids if budget is None else ids[:budget]
-            limit *= 2
-
-    def __call__(self, texts: Sequence[Sequence[str]], max_seq_len: int, token_type_ids: bool) -> Encoded:
-        if not texts:
-            return Encoded.from_lists([], [] if token_type_ids else None, 0)
-        tokenizer = self.tokenizer
-        pair = len(texts[0]) == 2
-        room = room_for_text(tokenizer, max_seq_len, pair)
-        ids, types, cut_titles = [], [], 0
-        for row in texts:
-            if any(special in text for text in row for special in self.special_texts):
-                encoded = encode_slow(tokenizer, [row], max_seq_len, token_type_ids)  # the tokenizer splits these out itself
-                ids.append(encoded.input_ids.tolist())
-                types.append(encoded.token_type_ids.tolist() if token_type_ids else [])
-                cut_titles += encoded.cut_titles
-                continue
-            if pair:
-                first = self.text_ids(row[0], None)
-                if len(first) >= room:  # the title alone fills max_seq_len: keep what fits, no body
-                    first, second = first[:room], []
-                    cut_titles += 1
-                else:
-                    second = self.text_ids(row[1], room - len(first))
-                ids.append(tokenizer.build_inputs_with_special_tokens(first, second))
-                types.append(tokenizer.create_token_type_ids_from_sequences(first, second) if token_type_ids else [])
-            else:
-                first = self.text_ids(row[0], room)
-                ids.append(tokenizer.build_inputs_with_special_tokens(first))
-                types.append(tokenizer.create_token_type_ids_from_sequences(first) if token_type_ids else [])
-        return Encoded.from_lists(ids, types if token_type_ids else None, cut_titles)
+    def text_ids(self, texts: list[str]) -> list[list[int]]:
+        return [
+            self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the tokenizer splits special tokens' texts out itself
+            if any(special in text for special in self.special_texts)
+            else self.word_ids(self.words(text))
+            for text in texts
+        ]
 
 
 def choose_encoder(tokenizer: PreTrainedTokenizerBase, slow: bool) -> Encoder:
@@ -318,18 +472,19 @@ def tokenizer_workers(num_workers: int) -> int:
     return num_workers or max(1, min(utils.available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), MAX_WORKERS))
 
 
-def _encode_chunk(job: tuple[Encoder, list[list[str]], int, bool]) -> Encoded:
-    encoder, texts, max_seq_len, token_type_ids = job
-    return encoder(texts, max_seq_len, token_type_ids)
+def _encode_chunk(job: tuple[Encoder, list[list[str]], InputLayout, bool]) -> Encoded:
+    encoder, texts, layout, token_type_ids = job
+    return encoder(texts, layout, token_type_ids)
 
 
-def encode_parallel(encoder: Encoder, texts: list[list[str]], max_seq_len: int, token_type_ids: bool, num_workers: int) -> Encoded:
+def encode_parallel(encoder: Encoder, texts: list[list[str]], layout: InputLayout, token_type_ids: bool, num_workers: int) -> Encoded:
     """encoder(texts) spread over processes (the Japanese tokenizer has no fast version: ~120 docs/s per core)."""
     workers = tokenizer_workers(num_workers)
     if workers == 1 or len(texts) < 64:  # a pool costs more than it saves here
-        return encoder(texts, max_seq_len, token_type_ids)
+        return encoder(texts, layout, token_type_ids)
+    encoder.special_tokens(len(texts[0]))  # learned once, here, and carried to the workers
     chunk_size = math.ceil(len(texts) / (workers * 4))  # 4 chunks per worker even out their speeds
-    jobs = [(encoder, chunk, max_seq_len, token_type_ids) for chunk in chunked(texts, chunk_size)]
+    jobs = [(encoder, chunk, layout, token_type_ids) for chunk in chunked(texts, chunk_size)]
     with get_context().Pool(workers) as pool:  # fork on Linux, spawn elsewhere: nothing global is read
         return Encoded.concat(pool.map(_encode_chunk, jobs))
 
@@ -355,23 +510,106 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
+# The files of a MeCab dictionary folder that MeCab reads (besides the .dic files dictionary_info names).
+MECAB_DICTIONARY_FILES = ("sys.dic", "unk.dic", "matrix.bin", "char.bin", "dicrc", "mecabrc")
+DIGEST_MEMO = "mecab-dictionary-digests.json"  # in the cache folder: path -> (file status, sha256)
+
+
+def dictionary_files(tagger: Any) -> list[Path]:
+    """The files of the MeCab dictionaries the tagger loaded: each .dic it names and its folder's binaries and settings."""
+    files: dict[Path, None] = {}
+    for info in tagger.dictionary_info:
+        path = Path(info["filename"])
+        files[path] = None
+        for name in MECAB_DICTIONARY_FILES:
+            if (path.parent / name).is_file():
+                files[path.parent / name] = None
+    return sorted(files)
+
+
+def file_status(path: Path) -> list[int]:
+    """What changes whenever a file's content may have: size, modification and status-change times, inode."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino]
+
+
+def dictionary_digest(tagger: Any, memo_dir: Path | None) -> str:
+    """A hash of the MeCab dictionary's contents, not only its entry count: an edited or rebuilt dictionary is another key.
+
+    The dictionary is large (unidic-lite: 250 MB, ~1 s to hash), so each file's hash is remembered
+    in MEMO_DIR beside the cache entries, with the file's status: runs of a sweep hash it once.
+    """
+    memo_path = memo_dir / DIGEST_MEMO if memo_dir is not None else None
+    memo: dict[str, Any] = {}
+    if memo_path is not None:
+        with contextlib.suppress(OSError, ValueError, InputError):
+            memo = utils.load_json(memo_path)
+    memo = memo if isinstance(memo, dict) else {}
+    digest, changed = hashlib.sha256(), False
+    for path in dictionary_files(tagger):
+        status, known = file_status(path), memo.get(str(path))
+        if not (isinstance(known, dict) and known.get("status") == status and isinstance(known.get("sha256"), str)):
+            known, changed = {"status": status, "sha256": file_digest(path)}, True
+            memo[str(path)] = known
+        digest.update(f"{path.name}\0{known['sha256']}\n".encode())
+    if changed and memo_path is not None:
+        with contextlib.suppress(OSError):  # only a memo: the next run hashes again
+            utils.save_json(memo, memo_path)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that turn text into ids (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in ("transformers", "tokenizers", "fugashi", "sentencepiece"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["mecab"] = mecab_version()
+    return versions
+
+
+def mecab_version() -> str | None:
+    """The MeCab library's own version: fugashi's wheels bundle one, fugashi built from source links the system's."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        import fugashi
+    except ImportError:
+        return None
+    bundled = sorted(Path(fugashi.__file__).parent.parent.glob("fugashi.libs/libmecab*"))
+    library = str(bundled[0]) if bundled else ctypes.util.find_library("mecab")
+    if library is None:
+        return None
+    try:
+        mecab = ctypes.CDLL(library)
+    except OSError:
+        return None
+    mecab.mecab_version.restype = ctypes.c_char_p
+    return mecab.mecab_version().decode()
+
+
 def cache_key(
-    tokenizer: PreTrainedTokenizerBase, encoder: Encoder, files: Mapping[str, Path], text_fields: Sequence[str],
-    max_seq_len: int, token_type_ids: bool,
+    tokenizer: PreTrainedTokenizerBase, encoder: Encoder, files: Mapping[str, Path], layout: InputLayout, token_type_ids: bool,
+    memo_dir: Path | None = None,
 ) -> dict:
     """Everything the cached ids depend on; an entry is used only when all of it matches."""
     tagger = getattr(getattr(tokenizer, "word_tokenizer", None), "mecab", None)  # a MeCab dictionary is outside the tokenizer's files
     return {
         "format": CACHE_FORMAT,
         "tokenizer": tokenizer_digest(tokenizer),
-        "word_dictionary": [{k: d[k] for k in ("charset", "size", "version")} for d in tagger.dictionary_info] if tagger else None,
+        "word_dictionary": {
+            "info": [{k: d[k] for k in ("charset", "size", "version")} for d in tagger.dictionary_info],
+            "sha256": dictionary_digest(tagger, memo_dir),
+        } if tagger else None,
         "encoder": type(encoder).__name__,
-        "libraries": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+        "libraries": library_versions(),
         "files": {split: file_digest(path) for split, path in files.items()},
-        "text_fields": list(text_fields),
-        "max_seq_len": max_seq_len,
+        "layout": layout.to_dict(),
         "token_type_ids": token_type_ids,
-    }
+    }  # fmt: skip
 
 
 def entry_path(cache_dir: Path, key: dict) -> Path:
@@ -379,22 +617,22 @@ def entry_path(cache_dir: Path, key: dict) -> Path:
 
 
 def read_entry(path: Path, key: dict, sizes: Mapping[str, int]) -> tuple[dict[str, Encoded] | None, str | None]:
-    """The cached splits, or (None, why not): absent, unreadable, truncated or not this key's."""
-    if not path.is_file():
-        return None, None
+    """The cached splits, or (None, why not): absent (no reason), unreadable, truncated or not this key's."""
     try:
         with np.load(path, allow_pickle=False) as entry:  # zip members carry CRCs: corrupted bytes raise here
             if bytes(entry["key"]).decode() != utils.to_json(key):
                 return None, "written for another key"
             encoded = {}
             for split, size in sizes.items():
-                ids, offsets = entry[f"{split}.input_ids"], entry[f"{split}.offsets"]
+                ids, offsets, dropped = entry[f"{split}.input_ids"], entry[f"{split}.offsets"], entry[f"{split}.dropped"]
                 types = entry[f"{split}.token_type_ids"] if key["token_type_ids"] else None
                 valid = len(offsets) == size + 1 and offsets[0] == 0 and offsets[-1] == len(ids) and bool(np.all(np.diff(offsets) > 0))
-                if not valid or (types is not None and len(types) != len(ids)):
+                if not valid or len(dropped) != size or (types is not None and len(types) != len(ids)):
                     return None, f"{split} does not match the dataset"
-                encoded[split] = Encoded(ids, offsets, types, int(entry[f"{split}.cut_titles"]))
+                encoded[split] = Encoded(ids, offsets, types, dropped, int(entry[f"{split}.cut_titles"]))
             return encoded, None
+    except FileNotFoundError:
+        return None, None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         return None, f"unreadable ({type(e).__name__}: {e})"
 
@@ -403,7 +641,7 @@ def write_entry(path: Path, key: dict, encoded: Mapping[str, Encoded]) -> None:
     """One .npz of flat integer arrays (no pickles), renamed into place only when complete."""
     arrays = {"key": np.frombuffer(utils.to_json(key).encode(), dtype=np.uint8)}
     for split, part in encoded.items():
-        arrays[f"{split}.input_ids"], arrays[f"{split}.offsets"] = part.input_ids, part.offsets
+        arrays[f"{split}.input_ids"], arrays[f"{split}.offsets"], arrays[f"{split}.dropped"] = part.input_ids, part.offsets, part.dropped
         arrays[f"{split}.cut_titles"] = np.array(part.cut_titles)
         if part.token_type_ids is not None:
             arrays[f"{split}.token_type_ids"] = part.token_type_ids
@@ -411,20 +649,25 @@ def write_entry(path: Path, key: dict, encoded: Mapping[str, Encoded]) -> None:
         np.savez(f, **arrays)
 
 
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[str | None]:
+@contextlib.contextmanager
+def exclusive_lock(path: Path, waiting: Callable[[], None]) -> Iterator[str | None]:
     """Hold an exclusive lock on the file PATH (made if absent); yield None, or why there is no lock.
 
-    flock works across the nodes of NFS and most cluster file systems; where it does not (Lustre
-    mounted without -o flock, Windows), the run goes on unlocked: writes stay atomic, and two runs may
-    both tokenise.
+    Calls `waiting` first when another process holds it. flock works across the nodes of NFS and
+    most cluster file systems; where it does not (Lustre mounted without -o flock, Windows), the
+    run goes on unlocked: writes stay atomic, and two runs may both tokenise. Opening the file may
+    raise OSError (the folder is not writable).
     """
     if fcntl is None:
         yield "no file locks on this platform"
         return
     with open(path, "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waiting()
+                fcntl.flock(f, fcntl.LOCK_EX)
         except OSError as e:
             yield f"cannot lock {path} ({e.strerror})"
             return
@@ -434,50 +677,83 @@ def exclusive_lock(path: Path) -> Iterator[str | None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cut_titles_note(where: str, count: int, text_fields: Sequence[str], limit: str) -> str:
-    """The report of rows whose first text alone filled the length limit (train.py per split, predict.py per input)."""
-    return f"{where}: {count} row(s) whose {text_fields[0]} alone fills {limit}: {text_fields[0]} truncated to fit, {text_fields[-1]} left out"
+def os_error(e: OSError) -> str:
+    return f"{e.strerror or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
+
+
+def through_cache(
+    cache_dir: Path, key_of: Callable[[], dict], sizes: Mapping[str, int], encode_all: Callable[[], dict[str, Encoded]],
+    log: Callable[[str], None],
+) -> tuple[dict[str, Encoded], str]:
+    """The splits from the cache entry, or tokenised now and stored there; (splits, what happened).
+
+    The cache is optional: a folder that cannot be made, read or locked, or an entry that cannot
+    be written (a full disk), is one warning, and the run goes on with the splits it tokenised.
+    """
+    key = key_of()
+    path = entry_path(cache_dir, key)
+    encoded, _ = read_entry(path, key, sizes)
+    if encoded is not None:
+        return encoded, f"cache hit: read {path}"
+    with contextlib.ExitStack() as stack:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            lock = path.with_suffix(".lock")
+            no_lock = stack.enter_context(exclusive_lock(lock, lambda: log(f"tokenised-split cache: waiting for another process that is tokenising the same splits (lock {lock}) ...")))
+        except OSError as e:
+            log(f"warning: tokenised-split cache: cannot use {cache_dir} ({os_error(e)}); going on without the cache")
+            return encode_all(), "tokenised (cache unusable)"
+        if no_lock:
+            log(f"tokenised-split cache: {no_lock}; going on without a lock")
+        encoded, problem = read_entry(path, key, sizes)  # another run may have written it while this one waited
+        if encoded is not None:
+            return encoded, f"cache hit: read {path} (written by another process while this one waited)"
+        if problem:
+            log(f"tokenised-split cache: ignoring {path}: {problem}")
+        encoded = encode_all()
+        try:
+            write_entry(path, key, encoded)
+        except OSError as e:
+            log(f"warning: tokenised-split cache: cannot write {path} ({os_error(e)}); going on without storing the splits")
+            return encoded, "tokenised (cache entry not written)"
+        return encoded, f"cache miss: tokenised and wrote {path}"
 
 
 def tokenize_splits(
-    rows: Mapping[str, list[dict]], files: Mapping[str, Path], tokenizer: PreTrainedTokenizerBase, *, text_fields: Sequence[str],
-    max_seq_len: int, token_type_ids: bool, slow: bool, num_workers: int, cache_dir: Path | None, log: Callable[[str], None],
-) -> dict[str, list[dict]]:
-    """Examples of each split (rows read from FILES) ready for batching, from the cache or tokenised now (then cached).
+    rows: Mapping[str, list[dict]], files: Mapping[str, Path], tokenizer: PreTrainedTokenizerBase, *, layout: InputLayout,
+    token_type_ids: bool, slow: bool, num_workers: int, cache_dir: Path | None, log: Callable[[str], None],
+    separator: str | None = None,
+) -> tuple[dict[str, list[dict]], dict[str, dict[str, int | float]]]:
+    """Examples of each split (rows read from FILES) ready for batching, from the cache or tokenised now (then cached),
+    and each split's truncation report (printed).
 
-    slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache.
+    slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache;
+    separator: the text fields joined by it into one text (text_separator).
     """
     start = time.perf_counter()
     sizes = {split: len(split_rows) for split, split_rows in rows.items()}
     encoder = choose_encoder(tokenizer, slow)
     log(f"tokenizer: {encoder.description}")
+    log(f"input: {layout.describe()}")
+    if separator is not None:
+        log(f"input: {' + '.join(layout.text_fields)} as one text joined by {separator!r} (the tokenizer has no separator token)")
 
     def encode_all() -> dict[str, Encoded]:
         log(f"tokenising in {tokenizer_workers(num_workers)} process(es) ...")
-        return {split: encode_parallel(encoder, texts_of(rows[split], text_fields), max_seq_len, token_type_ids, num_workers) for split in rows}
+        return {split: encode_parallel(encoder, texts_of(rows[split], layout.text_fields, separator), layout, token_type_ids, num_workers) for split in rows}
 
     if cache_dir is None:
         encoded, status = encode_all(), "tokenised (cache off)"
     else:
-        key = cache_key(tokenizer, encoder, files, text_fields, max_seq_len, token_type_ids)
-        path = entry_path(cache_dir, key)
-        encoded, problem = read_entry(path, key, sizes)
-        status = f"cache hit: read {path}"
-        if encoded is None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with exclusive_lock(path.with_suffix(".lock")) as no_lock:
-                if no_lock:
-                    log(f"tokenised-split cache: {no_lock}; going on without a lock")
-                encoded, problem = read_entry(path, key, sizes)  # another run may have written it while this one waited
-                status = f"cache hit: read {path} (written by another process while this one waited)"
-                if encoded is None:
-                    if problem:
-                        log(f"tokenised-split cache: ignoring {path}: {problem}")
-                    encoded = encode_all()
-                    write_entry(path, key, encoded)
-                    status = f"cache miss: tokenised and wrote {path}"
+        def key_of() -> dict:
+            key = cache_key(tokenizer, encoder, files, layout, token_type_ids, memo_dir=cache_dir)
+            return key if separator is None else {**key, "separator": separator}  # absent for pairs: earlier entries stay valid
+        encoded, status = through_cache(cache_dir, key_of, sizes, encode_all, log)
+    reports = {}
     for split, part in encoded.items():
+        reports[split] = part.truncation_report()
+        log(truncation_note(split, reports[split], layout))
         if part.cut_titles:
-            log(cut_titles_note(split, part.cut_titles, text_fields, f"--max_seq_len {max_seq_len}"))
+            log(cut_titles_note(split, part.cut_titles, layout.text_fields, f"--max_seq_len {layout.max_seq_len}"))
     log(f"{status}; {sum(sizes.values()):,} examples in {time.perf_counter() - start:.1f} s")
-    return {split: part.examples([row["label"] for row in rows[split]]) for split, part in encoded.items()}
+    return {split: part.examples([row["label"] for row in rows[split]]) for split, part in encoded.items()}, reports

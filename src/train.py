@@ -6,7 +6,9 @@
 The run folder OUTPUT_ROOT/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/ receives, in this order:
 config.json (at the start), log.csv (a row per evaluation), val-metrics.json, test-predictions.jsonl,
 test-per-class.csv, test-confusion-matrix.csv, the figures curves.png and test-confusion-matrix.png,
-model/ (with --save_model), and test-metrics.json last: its presence means the run finished.
+model/ (with --save_model), and test-metrics.json last: its presence means the run finished. A dataset
+whose labels are lists of ids trains as multi-label (evaluation.py); its run has test-label-counts.csv
+and test-label-counts.png (TP/FP/FN/TN per label) in place of the confusion matrix.
 
 This file is the experiment: its options (Args) and main(), which reads top to bottom. The parts
 it shares with predict.py and sweep.py live in data.py, modeling.py, evaluation.py, runs.py and
@@ -27,25 +29,24 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers
 from more_itertools import chunked
 from tap import Tap
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm, trange
-from transformers.optimization import get_linear_schedule_with_warmup
 
-import plot
 import runs
 import tokenization
 import utils
-from data import SPLITS, collate, load_description, load_label2id, load_split, shard_by_length
+from data import SPLITS, collate, load_description, load_label2id, load_split, problem_type, shard_by_length
 from distributed import gather_on_every_rank, init_distributed, leaves_process_group, on_rank_0
-from evaluation import evaluate
+from evaluation import Objective, early_stop, evaluate, make_objective
+from lora import LoraSettings, apply_lora, base_dtype, trainable_share
 from modeling import (
-    check_max_seq_len, count_encoder_params, freeze_unreachable, load_model, param_groups, resolve_device, resolve_dtype, save_model,
+    check_max_seq_len, count_encoder_params, enable_gradient_checkpointing, freeze_unreachable, load_model, param_groups, resolve_device,
+    resolve_dtype, save_model,
 )
-from runs import make_run_dir, run_config, save_log, write_test_outputs
+from runs import make_run_dir, record_in_config, run_config, save_log, write_test_outputs
 from utils import InputError, log
 
 
@@ -62,7 +63,8 @@ class Runtime(Tap):
     slow_tokenizer: bool = False  # tokenise with the tokenizer's own transformers code even where the fast MeCab + WordPiece path applies (same ids)
     tokenized_cache: Literal["on", "off"] = "on"  # on: read the tokenised splits from --tokenized_cache_dir, or tokenise and store them there; off: tokenise every run
     tokenized_cache_dir: Path = Path("cache/tokenized")  # tokenised splits shared by runs and torchrun ranks, keyed by tokenizer, dataset and input layout (safe to delete)
-    save_model: bool = False  # also save the best model and its tokenizer to RUN_DIR/model (safetensors)
+    save_model: bool = False  # also save the best model and its tokenizer to RUN_DIR/model (safetensors); with --lora_r: the adapters and the head (megabytes), with the base model's name
+    merge_lora: bool = False  # with --save_model and --lora_r: save the adapters merged into the base weights, a plain full model, instead
     checkpoint: Literal["last", "keep", "off"] = "last"  # RUN_DIR/checkpoint.pt at the end of each epoch, for --resume: last: removed when the run finishes; keep: left in place; off: none (see README for its size)
     resume: Path | None = None  # continue the unfinished run in this RUN_DIR from its checkpoint.pt, with the settings of its config.json (runtime options as given here, else as the run had them)
 
@@ -90,6 +92,8 @@ class Args(Runtime):
     lr: float = 3e-5  # peak learning rate of AdamW
     num_warmup_epochs: int = 2  # epochs of linear warm-up; the learning rate then decays linearly to 0 (longer than --epochs: the peak --lr is never reached)
     max_seq_len: int = 512  # tokens per example, [CLS] and [SEP]s included
+    truncation: Literal["head", "tail", "head_tail"] = "head"  # what of a last text (the body) too long for --max_seq_len is kept: head (its start, as the reference), tail (its end), head_tail (its first --head_tokens tokens and the rest from its end; Sun et al. 2019)
+    head_tokens: int | None = None  # head_tail: tokens kept from the start of the body (default: --max_seq_len / 4, i.e. 128 at 512, the other 382 from its end); recorded as the number used
     weight_decay: float = 0.01  # AdamW weight decay for matrices (biases and norm weights get none)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this x devices)
     max_grad_norm: float = 0.0  # clip the gradient norm to this; 0 (the default, as in the reference): no clipping
@@ -97,6 +101,14 @@ class Args(Runtime):
 
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast precision; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS
     seed: int = 42  # seed of the model's new head, the shuffling and dropout
+    lora_r: int = 0  # LoRA rank: 0 (the default) fine-tunes every weight; R > 0 freezes the model and trains rank-R adapters (peft) and the classification head
+    lora_alpha: float = 16.0  # LoRA scale numerator: the adapters' update is multiplied by alpha / r (16 as in hppRC/llm-lora-classification)
+    lora_dropout: float = 0.1  # dropout on the adapters' input
+    lora_target_modules: list[str] = []  # layers that get adapters, by name or name suffix (e.g. q_proj v_proj); empty: every Linear layer of the transformer blocks (printed)
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CUDA only, with --lora_r; untested here)
+    threshold: float = 0.5  # multi-label datasets (labels are lists of ids): a label is predicted when its sigmoid probability reaches this; unused for single-label
+    class_weights: Literal["none", "balanced"] = "none"  # balanced: weigh the loss by inverse label frequency in train (single-label: n / (K x n_label) per class; multi-label: pos_weight n_negative / n_positive per label)
+    early_stopping_patience: int = 0  # stop when val macro-F1 has not improved for this many evaluations (epochs); 0 (the default, as in the reference): train all --epochs
     reinit_head: bool = False  # a checkpoint with a classification head of another size (e.g. a fine-tuned 2-class model): replace that head with a new, random one (printed) instead of refusing
 
     def process_args(self) -> None:
@@ -105,10 +117,25 @@ class Args(Runtime):
                 self.error(f"--{name} must be at least 1")
         if not 1 <= len(self.text_fields) <= 2:
             self.error("--text_fields takes one field (a single text) or two (a pair)")
+        try:  # head_tail's default head, scaled to --max_seq_len, is recorded as the number it is
+            self.head_tokens = tokenization.InputLayout.of(self).head_tokens
+        except InputError as e:
+            self.error(f"--{e}")
         if self.num_warmup_epochs < 0:
             self.error("--num_warmup_epochs cannot be negative")
         if self.max_grad_norm < 0:
             self.error("--max_grad_norm cannot be negative (0 disables clipping)")
+        if self.lora_r < 0:
+            self.error("--lora_r cannot be negative (0: full fine-tuning)")
+        if not 0 <= self.lora_dropout < 1:
+            self.error("--lora_dropout must be in [0, 1)")
+        lora_only = [f"--{name}" for name in ("lora_target_modules", "merge_lora") if getattr(self, name)]
+        if lora_only and not self.lora_r:
+            self.error(f"{', '.join(lora_only)} only apply with --lora_r (LoRA)")
+        if not 0 < self.threshold < 1:
+            self.error("--threshold must lie between 0 and 1 (a sigmoid probability)")
+        if self.early_stopping_patience < 0:
+            self.error("--early_stopping_patience cannot be negative (0 disables early stopping)")
 
 
 RUNTIME_OPTIONS = tuple(Runtime.__annotations__)  # the fields declared in Runtime, in their order
@@ -166,13 +193,14 @@ def window_counts(window: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
 
 def accumulate_gradients(
     train_model: torch.nn.Module, window: list[dict[str, torch.Tensor]], window_size: int, device: torch.device,
-    autocast: Any, scaler: torch.amp.GradScaler, world_size: int,
+    autocast: Any, scaler: torch.amp.GradScaler, world_size: int, objective: Objective = Objective(),
 ) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step; return their summed loss.
 
     Each loss is divided by the example count of the whole window (`window_size`, over all its
     micro-batches), so every example weighs the same whatever the micro-batch sizes: the gradient
-    equals that of one batch of the window.
+    equals that of one batch of the window. The per-example loss is the objective's (default:
+    single-label cross-entropy).
     """
     total = torch.zeros((), device=device)
     for i, batch in enumerate(window):
@@ -184,7 +212,7 @@ def accumulate_gradients(
         with nullcontext() if sync else train_model.no_sync():
             with autocast():  # the forward pass only; the loss is computed in fp32
                 logits = train_model(**batch).logits
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = objective.loss(logits.float(), labels).sum()
             scaler.scale(loss / window_size).backward()
         total += loss.detach()
     return total
@@ -204,13 +232,34 @@ def optimizer_step(
     scheduler.step()
 
 
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 to the peak lr, then linear decay to 0 at total_steps: transformers'
+    get_linear_schedule_with_warmup, step for step, without importing transformers.optimization (which
+    imports trainer_utils and peft: seconds of start-up for one formula)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights, so the best epoch costs no accelerator memory."""
-    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+    """A CPU copy of the weights that training changes, so the best epoch costs no accelerator memory
+    (frozen weights never change: a LoRA run copies megabytes, not its base model). Load it with strict=False."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items() if key in trainable}
 
 
 class TrainingError(InputError):
     """Training cannot go on (the loss diverged): reported in one line, like bad input."""
+
+
+def divergence_hint(dtype: torch.dtype) -> str:
+    """What to try when the loss diverges: a lower lr always; another precision only where one applies."""
+    other = {torch.float16: " or use --dtype bf16 (or fp32: fp16 overflows easily)", torch.bfloat16: " or use --dtype fp32"}
+    return f"lower --lr (or clip with --max_grad_norm 1.0){other.get(dtype, '')}"
 
 
 # --- the experiment ---------------------------------------------------------------------------
@@ -244,34 +293,50 @@ def main(args: Args) -> Path:
     id2label = {i: label for label, i in label2id.items()}
     rows = {split: load_split(args.dataset_dir, split, args.text_fields, len(label2id)) for split in SPLITS}
     dataset = load_description(args.dataset_dir, label2id)
+    # The task type, decided once from the labels: it fixes the loss, the decision and the metrics (evaluation.Objective).
+    objective = make_objective(problem_type(args.dataset_dir, rows), len(label2id), args.threshold, args.class_weights, [r["label"] for r in rows["train"]])
 
-    tokenizer, model = load_model(args.model_name, label2id, args.reinit_head)
+    lora_settings = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules))
+    weights_dtype = base_dtype(lora_settings, args.load_in_4bit, device, dtype)
+    tokenizer, model = load_model(args.model_name, label2id, args.reinit_head, weights_dtype, args.load_in_4bit)
+    objective.record_in(model.config)  # a saved model, and predict.py, know the task type and threshold
     positions = check_max_seq_len(args.max_seq_len, model, tokenizer, args.model_name)
     num_params = sum(p.numel() for p in model.parameters())
     num_encoder_params = count_encoder_params(model)  # without the head, as the reference's table counts
+    if lora_settings.r:
+        model, lora_summary = apply_lora(model, lora_settings)
+        log(lora_summary)
+    num_trainable_params, _, trainable_line = trainable_share(model)
 
     # The settings are on disk before any training: a crashed run still says what it was.
     def start_run_folder() -> Path:
         run_dir = make_run_dir(args.output_root, args.model_name)
-        config = run_config(args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, dataset)
+        config = run_config(
+            args, RUNTIME_OPTIONS, num_params, num_encoder_params, len(label2id), run_dir, device, dtype, world_size, dataset,
+            objective.problem_type, num_trainable_params
+        )
         utils.save_json(config, run_dir / "config.json")
         return run_dir
 
     run_dir = args.resume if checkpoint is not None else on_rank_0(start_run_folder, rank, world_size)
     log(f"run folder: {run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
+    log(trainable_line)
     log(positions)
+    log(objective.describe())
     # From here on, Ctrl-C or SIGTERM ends the run in one line that says whether and how to resume it.
     with says_how_to_resume(run_dir, world_size):
         # Tokenise each split once, or read it from the cache that runs and ranks share; batches are then only padded.
-        examples = tokenization.tokenize_splits(
-            rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, text_fields=args.text_fields,
-            max_seq_len=args.max_seq_len, token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
-            slow=args.slow_tokenizer, num_workers=args.num_workers, log=log,
+        layout = tokenization.InputLayout.of(args)
+        examples, truncation_report = tokenization.tokenize_splits(
+            rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, layout=layout,
+            token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
+            slow=args.slow_tokenizer, num_workers=args.num_workers, log=log, separator=tokenization.text_separator(tokenizer, args.text_fields),
             cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
         )
+        on_rank_0(lambda: record_in_config(run_dir, truncation_report=truncation_report), rank, world_size)
 
-        pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
+        pad = partial(collate, pad_token_id=tokenizer.pad_token_id, num_labels=len(label2id))
         # The training order depends on the seed and the epoch alone (set_epoch), so a resumed run sees the same batches.
         sampler = DistributedSampler(examples["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
         pin = device.type == "cuda"  # pinned host memory lets the copy to the GPU overlap with compute
@@ -283,9 +348,9 @@ def main(args: Args) -> Path:
 
         model.to(device)
         if args.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
-        unreachable = freeze_unreachable(model, pad(examples["train"][:2]), device)
+            enable_gradient_checkpointing(model)
+        autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+        unreachable = freeze_unreachable(model, pad(examples["train"][:2]), device, autocast)
         if unreachable:
             log(f"frozen {len(unreachable)} parameter tensors that this input never reaches (no gradient in a probe step): {', '.join(unreachable)}")
         # `model` keeps clean state-dict keys (no _orig_mod. or module. prefixes) for the best weights and the checkpoint.
@@ -298,8 +363,7 @@ def main(args: Args) -> Path:
         log(decay_summary)
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
         steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-        scheduler = get_linear_schedule_with_warmup(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
-        autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+        scheduler = linear_schedule(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling only for fp16
         log(
             f"effective batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation x {world_size} process(es) = "
@@ -312,7 +376,7 @@ def main(args: Args) -> Path:
             )
 
         def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
-            return evaluate(compiled, eval_loaders[split], device, autocast, world_size, len(label2id))
+            return evaluate(compiled, eval_loaders[split], device, autocast, world_size, objective)
 
         log_rows: list[dict[str, Any]] = []
 
@@ -340,7 +404,7 @@ def main(args: Args) -> Path:
             best_state = clone_state(model)
             first_epoch = 1
         else:
-            model.load_state_dict(checkpoint["model"])
+            runs.load_trained_state(model, checkpoint["model"], run_dir)
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             scaler.load_state_dict(checkpoint["scaler"])
@@ -354,16 +418,16 @@ def main(args: Args) -> Path:
             del checkpoint
 
         # Progress bars as context managers: closed on an error too, so that the error line starts clean.
-        with trange(first_epoch, args.epochs + 1, desc="epochs", disable=rank != 0) as epoch_bar:
+        with trange(first_epoch, args.epochs + 1, desc="epochs", disable=not utils.show_progress()) as epoch_bar:
             for epoch in epoch_bar:
                 train_model.train()
                 sampler.set_epoch(epoch)
                 start = time.perf_counter()
                 loss_sum, seen, tokens = 0.0, 0, 0
-                with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=rank != 0) as progress:
+                with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not utils.show_progress()) as progress:
                     for window in chunked(train_loader, args.gradient_accumulation_steps):
                         step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
-                        window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size)
+                        window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size, objective=objective)
                         if world_size > 1:  # the loss, examples and tokens of this step over all processes
                             stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
                             dist.all_reduce(stats)
@@ -371,7 +435,7 @@ def main(args: Args) -> Path:
                         else:
                             step_loss = window_loss.item()  # the one device sync of a step
                         if not math.isfinite(step_loss):
-                            raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: lower --lr, or use --dtype fp32 / bf16")
+                            raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: {divergence_hint(dtype)}")
                         loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
                         optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
                         progress.update()
@@ -384,29 +448,37 @@ def main(args: Args) -> Path:
                 if val_metrics["f1"] > best_f1:
                     best_epoch, best_f1 = epoch, val_metrics["f1"]
                     best_state = clone_state(model)
+                if early_stop(epoch, best_epoch, args.early_stopping_patience):  # the same on every rank: all see the same metrics
+                    log(
+                        f"early stopping after epoch {epoch} of {args.epochs}: val macro-F1 has not improved for "
+                        f"{args.early_stopping_patience} evaluation(s) since epoch {best_epoch} (log.csv ends at epoch {epoch})"
+                    )
+                    break  # before its checkpoint: a run resumed after this point trains this epoch again and stops here again
                 if args.checkpoint != "off":
                     save_checkpoint(epoch)
 
         # The weights of the best epoch (kept on the CPU) give the reported val and test scores.
-        model.load_state_dict(best_state)
+        model.load_state_dict(best_state, strict=False)
         val_metrics, _ = evaluate_split("val")
         test_metrics, test_predictions = evaluate_split("test")
 
         def write_results() -> None:
             utils.save_json({"best-epoch": best_epoch, **val_metrics}, run_dir / "val-metrics.json")
-            write_test_outputs(run_dir, test_predictions, rows["test"], id2label)
+            write_test_outputs(run_dir, test_predictions, rows["test"], id2label, objective)
             try:  # figures are drawn from the files just written; a failure must not lose the run's metrics
+                import plot  # here, not at the top: matplotlib costs about a second of start-up, and only this step draws
+
                 plot.draw_run(run_dir)
             except Exception as e:  # noqa: BLE001 (any plotting error, e.g. a broken font cache)
                 log(f"warning: figures not drawn ({type(e).__name__}: {utils.first_line(e)}); redraw them with python src/plot.py --run_dirs {run_dir}")
             if args.save_model:
-                save_model(model, tokenizer, run_dir / "model", args.text_fields, args.max_seq_len)
+                save_model(model, tokenizer, run_dir / "model", layout, args.merge_lora)
             utils.save_json(test_metrics, run_dir / "test-metrics.json")  # last: the run is finished
             if args.checkpoint != "keep":
                 runs.remove_checkpoint(run_dir)
 
+        log(f"best epoch {best_epoch}: val f1 {val_metrics['f1']:.4f}, test f1 {test_metrics['f1']:.4f}, test accuracy {test_metrics['accuracy']:.4f}")
         on_rank_0(write_results, rank, world_size)
-    log(f"best epoch {best_epoch}: val f1 {val_metrics['f1']:.4f}, test f1 {test_metrics['f1']:.4f}, test accuracy {test_metrics['accuracy']:.4f}")
     log(f"wrote {run_dir}")
     return run_dir  # @leaves_process_group leaves the process group
 

@@ -100,3 +100,39 @@ def assert_png(path: Path, min_size: tuple[int, int] = (600, 300), max_size: tup
         size = image.size
         image.load()  # decodes every byte: a truncated file fails here
     assert min_size[0] <= size[0] <= max_size[0] and min_size[1] <= size[1] <= max_size[1], (path, size)
+
+
+# --- a multi-label task -----------------------------------------------------------------------
+
+GROUP_A = ("dokujo-tsushin", "livedoor-homme", "peachy")  # a second label for these categories' articles
+
+
+def write_multi_label_dataset(dataset_dir: Path, output_dir: Path) -> Path:
+    """The fixture dataset as a multi-label task (labels are lists of ids, as prepare.py --input writes them):
+    every article has its category, and those of GROUP_A also the label "group-a" (id 9)."""
+    import utils
+
+    label2id = {**utils.load_json(dataset_dir / "label2id.json"), "group-a": 9}
+    output_dir.mkdir(parents=True)
+    utils.save_json(label2id, output_dir / "label2id.json")
+    for split in ("train", "val", "test"):
+        rows = utils.load_jsonl(dataset_dir / f"{split}.jsonl")
+        for row in rows:
+            names = [row["category"], *(["group-a"] if row["category"] in GROUP_A else [])]
+            row["label"], row["category"] = sorted(label2id[name] for name in names), sorted(names, key=label2id.__getitem__)
+        utils.save_jsonl(rows, output_dir / f"{split}.jsonl")
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def multi_label_dataset(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_multi_label_dataset(dataset_dir, tmp_path_factory.mktemp("datasets") / "multi")
+
+
+@pytest.fixture(scope="session")
+def multi_label_run(make_train_args, multi_label_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete multi-label run of the tiny model, with balanced class weights (pos_weight) and --save_model."""
+    import train
+
+    output_root = tmp_path_factory.mktemp("outputs")
+    return train.main(make_train_args(output_root, "--dataset_dir", str(multi_label_dataset), "--class_weights", "balanced", "--save_model"))

@@ -494,9 +494,10 @@ def test_runtime_options_come_from_the_config_or_else_the_old_list() -> None:
     """A run lists its runtime options in config.json; runs made before that fall back to the old list."""
     fields = {"lr": 1e-5, "device": "cpu", "eval_batch_size": 32, "profile_dir": "x", "seed": 1, "num_params": 10}
     listed = aggregate.setting_of({**fields, "runtime_options": ["device", "profile_dir"]})
-    assert listed == {"lr": 1e-5, "eval_batch_size": 32, "world_size": 1}  # no runtime_options column either
-    assert aggregate.setting_of(fields) == {"lr": 1e-5, "profile_dir": "x", "world_size": 1}
-    assert aggregate.setting_of(fields, repetitions=False) == {"lr": 1e-5, "profile_dir": "x", "seed": 1, "world_size": 1}
+    older = aggregate.OLDER_SETTINGS  # settings these configs predate, at the value they had
+    assert listed == {**older, "lr": 1e-5, "eval_batch_size": 32, "world_size": 1}  # no runtime_options column either
+    assert aggregate.setting_of(fields) == {**older, "lr": 1e-5, "profile_dir": "x", "world_size": 1}
+    assert aggregate.setting_of(fields, repetitions=False) == {**older, "lr": 1e-5, "profile_dir": "x", "seed": 1, "world_size": 1}
 
 
 def test_a_listed_runtime_option_does_not_split_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -507,6 +508,28 @@ def test_a_listed_runtime_option_does_not_split_settings(tmp_path: Path, capsys:
     assert "settings differ in: nothing" in capsys.readouterr().out
     best = pd.read_csv(tmp_path / "results" / "best.csv")
     assert list(best["n_runs"]) == [2] and "profile_dir" not in best.columns and "runtime_options" not in best.columns
+
+
+def test_truncation_is_a_setting_and_older_runs_kept_the_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--truncation and --head_tokens change what a run learns; runs made before them truncated the head."""
+    outputs = tmp_path / "outputs"
+    make_run(outputs, BERT, 3e-5, seed=1, scores=(0.90, 0.90, 0.90, 0.90, 0.90))  # an older train.py: no truncation fields
+    report = {"train": {"examples": 5895, "truncated": 4000, "truncated_share": 0.6785, "mean_tokens_dropped_per_truncated_example": 600.0}}
+    make_run(outputs, BERT, 3e-5, seed=2, scores=(0.92, 0.92, 0.92, 0.92, 0.92), truncation="head", head_tokens=None, truncation_report=report)
+    for seed, head_tokens, val_f1 in ((1, 128, 0.95), (2, 128, 0.95), (1, 64, 0.85)):
+        report = {"train": {**report["train"], "truncated": 4000 + seed}}  # a fact of each run, not a setting
+        scores = (val_f1, 0.8, 0.8, 0.8, 0.8)
+        make_run(outputs, BERT, 3e-5, seed=seed, scores=scores, truncation="head_tail", head_tokens=head_tokens, truncation_report=report)
+    run_aggregate(outputs, tmp_path / "results")
+    assert "settings differ in: truncation, head_tokens (beyond model_name)" in capsys.readouterr().out
+    all_runs = pd.read_csv(tmp_path / "results" / "all.csv", keep_default_na=False)
+    assert sorted(zip(all_runs["truncation"], all_runs["head_tokens"].astype(str))) == [
+        ("head", ""), ("head", ""), ("head_tail", "128"), ("head_tail", "128"), ("head_tail", "64"),
+    ]
+    assert "truncation_report" not in all_runs.columns
+    best = pd.read_csv(tmp_path / "results" / "best.csv")
+    assert best.loc[0, "truncation"] == "head_tail" and best.loc[0, "head_tokens"] == 128 and best.loc[0, "n_runs"] == 2
+    assert aggregate.setting_of({"lr": 1e-5}) == aggregate.setting_of({"lr": 1e-5, "truncation": "head", "head_tokens": None})
 
 
 # --- copies and tasks -------------------------------------------------------------------------
@@ -584,3 +607,47 @@ def test_category_names_that_look_like_numbers_or_missing_values_stay_names(tmp_
     assert header == "model_name,n_runs," + ",".join(names)  # NA used to drop out, 0 and 1.0 became numbers
     per_class = pd.read_csv(tmp_path / "results" / "per-class.csv", dtype=str, keep_default_na=False)
     assert [float(per_class.loc[0, name]) for name in names] == pytest.approx([i / 10 for i in range(len(names))])
+
+
+def test_multi_label_runs_add_micro_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Micro precision/recall/F1 of multi-label runs become columns (mean and std); a single-label model has none ("-")."""
+    outputs = tmp_path / "outputs"
+    for seed, micro_f1 in ((1, 0.80), (2, 0.90)):
+        run_dir = make_run(outputs, LUKE, 3e-5, seed=seed, dataset_dir="datasets/multi", problem_type="multi_label_classification")
+        metrics = utils.load_json(run_dir / "test-metrics.json")
+        utils.save_json({**metrics, "micro_precision": 0.7, "micro_recall": 0.6, "micro_f1": micro_f1}, run_dir / "test-metrics.json")
+    make_run(outputs, BERT, 3e-5, seed=1, dataset_dir="datasets/multi")
+    run_aggregate(outputs, tmp_path / "results")
+    out = capsys.readouterr().out
+    assert "settings differ in: nothing" in out  # problem_type is a fact of the dataset, not a setting
+    all_runs = pd.read_csv(tmp_path / "results" / "all.csv")
+    assert {"micro_precision", "micro_recall", "micro_f1"} <= set(all_runs.columns)
+    best = pd.read_csv(tmp_path / "results" / "best.csv").set_index("model_name")
+    assert best.loc[LUKE, "micro_f1"] == pytest.approx(0.85) and best.loc[LUKE, "micro_f1_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert np.isnan(best.loc[BERT, "micro_f1"])
+    table = (tmp_path / "results" / "best.md").read_text(encoding="utf-8").splitlines()
+    assert table[0] == "| Model | Params | LR | Accuracy | Precision | Recall | F1 | Micro-F1 | n |"
+    assert table[1] == "| ----- | -----: | -: | :------: | :-------: | :----: | :-: | :------: | -: |"
+    rows = {line.split(" | ")[0]: line for line in table[2:]}
+    assert rows[f"| [{LUKE}](https://huggingface.co/{LUKE})"].endswith("| 85.00 ± 7.07 | 2 |")
+    assert rows[f"| [{BERT}](https://huggingface.co/{BERT})"].endswith("| - | 1 |")
+
+
+def test_a_bad_micro_score_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = tmp_path / "outputs"
+    make_run(outputs, BERT, 3e-5, seed=1)
+    bad = make_run(outputs, BERT, 3e-5, seed=2)
+    utils.save_json({**utils.load_json(bad / "test-metrics.json"), "micro_f1": "high"}, bad / "test-metrics.json")
+    run_aggregate(outputs, tmp_path / "results")
+    assert f"skipped {bad}: test-metrics.json: micro_f1 is 'high', expected int or float" in capsys.readouterr().err
+
+
+def test_settings_older_runs_lack_take_train_pys_defaults() -> None:
+    """A run made before a setting existed trained as its default does: the same setting as a new default run."""
+    import train
+
+    defaults = train.Args().parse_args([]).as_dict()
+    assert {name: defaults[name] for name in aggregate.OLDER_SETTINGS} == aggregate.OLDER_SETTINGS
+    new_default_run = {"lr": 1e-5, **aggregate.OLDER_SETTINGS}
+    assert aggregate.setting_of({"lr": 1e-5}) == aggregate.setting_of(new_default_run)
+    assert aggregate.setting_of({"lr": 1e-5}) != aggregate.setting_of({**new_default_run, "class_weights": "balanced"})

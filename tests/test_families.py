@@ -103,6 +103,29 @@ def read_log(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+# --- tiny models from any corpus ---------------------------------------------------------------
+
+
+def test_every_family_builds_from_a_corpus_with_many_distinct_characters(tmp_path: Path) -> None:
+    """The real corpus has 3,361 distinct characters: more than the 1,000 pieces the tiny vocabularies had."""
+    import random
+
+    from tiny_models import VOCAB_SIZE, build_tiny_model, read_texts
+
+    rng = random.Random(0)
+    kanji = [chr(code) for code in range(0x4E00, 0x4E00 + 3000)]  # CJK unified ideographs
+    rows = [{"title": "".join(rng.sample(kanji, 8)), "body": "".join(rng.sample(kanji, 60)) + "。"} for _ in range(60)]
+    rows.append({"title": "残り", "body": "".join(kanji)})  # every character at least once
+    utils.save_jsonl(rows, tmp_path / "data" / "train.jsonl")
+    texts = read_texts(tmp_path / "data")  # as `tests/tiny_models.py --dataset_dir` reads it
+    assert len({char for text in texts for char in text}) > VOCAB_SIZE * 3
+    rare = "".join(rng.sample(kanji, 40))
+    for family in FAMILIES:
+        tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(family, texts, tmp_path / family))
+        ids = tokenizer(rare, add_special_tokens=False)["input_ids"]
+        assert ids and tokenizer.unk_token_id not in ids, (family, tokenizer.convert_ids_to_tokens(ids))
+
+
 # --- LUKE under DDP: parameters that text-only input never reaches -----------------------------
 
 

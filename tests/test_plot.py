@@ -251,3 +251,39 @@ def test_the_value_of_a_short_bar_is_readable() -> None:
     assert (good.get_position()[0], good.get_color()) == (1, "white")  # inside its bar
     assert (poor.get_position()[0], poor.get_color()) == (pytest.approx(6), "black")  # after the bar, on white
     assert (spread.get_position()[0], spread.get_color()) == (pytest.approx(13), "black")  # after the error bar
+
+
+# --- a multi-label run ----------------------------------------------------------------------------
+
+
+def multi_label_run_folder(run_dir: Path) -> Path:
+    """The files plot.py reads from a multi-label run (as tests/test_train.py's multi-label run writes them)."""
+    run_dir.mkdir(parents=True)
+    utils.save_json({"model_name": "m", "lr": 1e-3, "seed": 1, "dataset_dir": "datasets/multi"}, run_dir / "config.json")
+    utils.save_json({"best-epoch": 1}, run_dir / "val-metrics.json")
+    utils.save_csv(["epoch", "train_loss", "loss", "accuracy", "f1", "micro_f1"], [[0, "nan", 0.7, 0.1, 0.2, 0.3], [1, 0.5, 0.4, 0.6, 0.7, 0.8]], run_dir / "log.csv")
+    utils.save_csv(["category", "tp", "fp", "fn", "tn"], [["政治", 8, 2, 2, 28], ["経済", 0, 0, 0, 40], ["group-a", 5, 5, 15, 15]], run_dir / "test-label-counts.csv")
+    return run_dir
+
+
+def test_multi_label_run_draws_counts_per_label(tmp_path: Path) -> None:
+    """TP and FN in percent of the examples that have the label (TP% = recall), FP and TN of those that lack it."""
+    run_dir = multi_label_run_folder(tmp_path / "run")
+    assert [p.name for p in plot.draw_run(run_dir)] == ["curves.png", "test-label-counts.png"]
+    assert_png(run_dir / "test-label-counts.png", min_size=(800, 300))
+    figure = plot.run_figures(run_dir)["test-label-counts.png"]
+    axes = figure.axes[0]
+    np.testing.assert_allclose(np.asarray(axes.images[0].get_array()), [[80, 20, 2 / 30 * 100, 28 / 30 * 100], [0, 0, 0, 100], [25, 75, 25, 75]])
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["政治", "経済", "group-a"]
+    assert [t.get_text().split("\n")[0] for t in axes.get_xticklabels()] == ["TP", "FN", "FP", "TN"]
+    assert [t.get_text() for t in axes.texts][:2] == ["8\n80%", "2\n20%"]
+    assert "(40 examples)" in figure.get_suptitle()
+    _, score_axes = plot.run_figures(run_dir)["curves.png"].axes
+    assert score_axes.lines[0].get_label() == "val subset accuracy"
+
+
+def test_multi_label_counts_must_be_numbers(tmp_path: Path) -> None:
+    run_dir = multi_label_run_folder(tmp_path / "run")
+    (run_dir / "test-label-counts.csv").write_text("category,tp,fp,fn\na,1,2,3\n", encoding="utf-8")
+    with pytest.raises(utils.InputError, match=r"test-label-counts.csv: missing column\(s\) tn"):
+        plot.run_figures(run_dir)

@@ -18,7 +18,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import data
 import predict
+import train
 import utils
+from tokenization import InputLayout
 from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,10 +186,39 @@ def test_a_single_text_model_reads_whole_lines(model_dir: Path, test_rows: list[
 
 
 def test_input_layout_comes_from_the_config() -> None:
-    assert predict.input_layout(PretrainedConfig()) == (["title", "body"], 512)  # models saved without it
-    assert predict.input_layout(PretrainedConfig(text_fields=["text"], max_seq_len=128)) == (["text"], 128)
-    with pytest.raises(InputError, match="text_fields must be one field name or two"):
+    assert predict.input_layout(PretrainedConfig()) == InputLayout(("title", "body"), 512, "head")  # models saved without it
+    assert predict.input_layout(PretrainedConfig(text_fields=["text"], max_seq_len=128)) == InputLayout(("text",), 128, "head")
+    assert predict.input_layout(PretrainedConfig(truncation="head_tail", head_tokens=20)) == InputLayout(("title", "body"), 512, "head_tail", 20)
+    with pytest.raises(InputError, match="^config.json: text_fields must be one field name or two"):
         predict.input_layout(PretrainedConfig(text_fields=["a", "b", "c"]))
+    with pytest.raises(InputError, match="^config.json: truncation must be one of head, tail, head_tail, got 'middle'$"):
+        predict.input_layout(PretrainedConfig(truncation="middle"))
+
+
+def test_predict_truncates_as_the_run_did(
+    make_train_args, test_rows: list[dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A head_tail run's saved model records its layout; predict.py keeps the same ends of a long body as training."""
+    run_dir = train.main(make_train_args(tmp_path / "out", "--truncation", "head_tail", "--max_seq_len", "32", "--epochs", "1", "--save_model"))
+    saved = AutoConfig.from_pretrained(run_dir / "model")
+    assert (saved.truncation, saved.head_tokens, saved.max_seq_len) == ("head_tail", 8, 32)  # 32 / 4
+    capsys.readouterr()
+    rows = [{**row, "body": row["body"] * 3} for row in test_rows[:5]]
+    utils.save_jsonl(rows, tmp_path / "in.jsonl")
+    predictions = run_predict(run_dir / "model", "--input_file", str(tmp_path / "in.jsonl"))
+    err = capsys.readouterr().err
+    assert "truncation head_tail: a body that does not fit keeps its first 8 tokens and the rest from its end" in err
+    assert re.search(rf"{re.escape(str(tmp_path / 'in.jsonl'))}: 5 of 5 examples truncated \(100\.0%\) at 32 tokens, head_tail truncation", err)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    title_ids, body_ids = (tokenizer(rows[0][field], add_special_tokens=False)["input_ids"] for field in ("title", "body"))
+    tail = 32 - 3 - len(title_ids) - 8
+    example = predict.tokenize(rows, tokenizer, predict.input_layout(saved), True, False, 1, "x")[0]
+    assert example["input_ids"] == [tokenizer.cls_token_id, *title_ids, tokenizer.sep_token_id, *body_ids[:8], *body_ids[-tail:], tokenizer.sep_token_id]
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([example["input_ids"]]), token_type_ids=torch.tensor([example["token_type_ids"]])).logits[0]
+    assert [predictions[0]["probs"][name] for name in CATEGORIES] == pytest.approx(torch.softmax(logits, -1).tolist(), abs=1e-5)
+    assert predictions[0]["pred"] == CATEGORIES[int(logits.argmax())]
 
 
 def test_dtype_applies_autocast(model_dir: Path, test_rows: list[dict], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -275,7 +306,7 @@ def test_a_title_longer_than_max_seq_len_is_truncated_and_reported(
     # The same as what training's tokenisation makes of that row: the first 61 title tokens, then [SEP] [SEP].
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     title_ids = tokenizer(rows[1]["title"], add_special_tokens=False)["input_ids"]
-    example = predict.tokenize(rows, tokenizer, ["title", "body"], MAX_SEQ_LEN, True, True, 1, "x")[1]
+    example = predict.tokenize(rows, tokenizer, InputLayout(("title", "body"), MAX_SEQ_LEN), True, True, 1, "x")[1]
     assert example["input_ids"] == [tokenizer.cls_token_id, *title_ids[: MAX_SEQ_LEN - 3], tokenizer.sep_token_id, tokenizer.sep_token_id]
 
 
@@ -321,3 +352,38 @@ def test_any_failure_to_load_the_saved_model_is_one_line(model_dir: Path, test_r
         run_predict(model_dir, "--input_file", str(input_file))
     assert str(e.value).startswith(f"cannot load the model saved in {model_dir} (RuntimeError: Error(s) in loading state_dict:): train one with")
     assert "\n" not in str(e.value)
+
+
+# --- a multi-label model ------------------------------------------------------------------------
+
+
+def test_multi_label_predictions_equal_the_run_predictions(multi_label_run: Path, multi_label_dataset: Path, tmp_path: Path) -> None:
+    """Every category over the threshold the model was trained with (its config.json), as lists of names and ids."""
+    run_predictions = utils.load_jsonl(multi_label_run / "test-predictions.jsonl")
+    names = [*CATEGORIES, "group-a"]
+    ours = run_predict(multi_label_run / "model", "--input_file", str(multi_label_dataset / "test.jsonl"))
+    assert [p["pred_id"] for p in ours] == [p["pred"] for p in run_predictions]
+    assert [p["pred"] for p in ours] == [[names[i] for i in p["pred"]] for p in run_predictions]
+    assert any(len(p["pred"]) == 2 for p in ours)  # the group label, beside the category
+    for p, theirs in zip(ours, run_predictions):
+        assert list(p["probs"]) == names
+        assert list(p["probs"].values()) == pytest.approx(theirs["probs"], abs=1e-5)  # sigmoid probabilities, not summing to 1
+
+    # --threshold overrides the saved one: at 0.99 fewer labels, and the same rule.
+    strict = run_predict(multi_label_run / "model", "--input_file", str(multi_label_dataset / "test.jsonl"), "--threshold", "0.99")
+    for p in strict:
+        assert p["pred"] == [name for name, q in p["probs"].items() if q >= 0.99]
+    assert sum(map(len, (p["pred"] for p in strict))) < sum(map(len, (p["pred"] for p in ours)))
+
+
+def test_multi_label_stdin(multi_label_run: Path, multi_label_dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    rows = utils.load_jsonl(multi_label_dataset / "test.jsonl")[:3]
+    monkeypatch.setattr(sys, "stdin", piped("".join(f"{r['title']}\t{r['body'].replace(chr(10), '')}\n" for r in rows)))
+    run_predict(multi_label_run / "model")
+    out = capsys.readouterr()
+    printed = [json.loads(line) for line in out.out.splitlines()]
+    assert len(printed) == 3
+    for p in printed:
+        assert p["pred"] == [name for name, q in p["probs"].items() if q >= 0.5]
+        assert p["pred_id"] == [[*CATEGORIES, "group-a"].index(name) for name in p["pred"]]
+    assert "10 categories, multi-label, threshold 0.5" in out.err

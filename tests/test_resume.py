@@ -128,6 +128,15 @@ def test_checkpoint_keep_leaves_the_last_one_and_off_writes_none(make_train_args
     assert saved == [] and not (run_dir / runs.CHECKPOINT).exists()
 
 
+def test_early_stopping_ends_before_the_checkpoint_of_its_last_epoch(make_train_args, tmp_path: Path) -> None:
+    """A run resumed from the last checkpoint trains the stopping epoch again and stops there again, instead of going on."""
+    run_dir = train.main(make_train_args(tmp_path, "--checkpoint", "keep", "--early_stopping_patience", "1"))
+    last = int(read_csv(run_dir / "log.csv")[-1]["epoch"])
+    assert last < 10  # it stopped early
+    assert runs.load_checkpoint(run_dir)["epoch"] == last - 1
+
+
+@pytest.mark.slow  # three torchrun launches of 2 processes
 def test_under_torchrun_every_rank_resumes_and_rank_0_writes(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path) -> None:
     """2 gloo processes: rank 0 killed (SIGKILL) before the checkpoint of epoch 2, resumed, compared with an uninterrupted run."""
     killed = interrupted_run("SIGKILL", 2, train_argv(tiny_model_dir, dataset_dir, tmp_path / "killed", "--epochs", "3"), nproc=2)

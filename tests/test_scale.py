@@ -58,7 +58,8 @@ def test_accumulated_gradient_equals_one_batch(tiny_model_dir: Path, dataset_dir
     tokenizer, model = modeling.load_model(str(tiny_model_dir), label2id)
     model.eval()  # no dropout, so the two ways see the same function
     rows = data.load_split(dataset_dir, "train", ["title", "body"], 9)[:8]
-    examples = tokenization.encode_slow(tokenizer, tokenization.texts_of(rows, ["title", "body"]), 64, True).examples([r["label"] for r in rows])
+    layout = tokenization.InputLayout(("title", "body"), 64)
+    examples = tokenization.SlowEncoder(tokenizer, "test")(tokenization.texts_of(rows, layout.text_fields), layout, True).examples([r["label"] for r in rows])
     autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 

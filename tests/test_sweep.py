@@ -301,6 +301,30 @@ def test_a_run_with_another_process_count_is_not_done(swept: tuple[Path, str], t
     assert (count_done(), count_done("--gpus_per_run", "2")) == (1, 0)
 
 
+def test_a_run_with_another_truncation_is_not_done(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """--truncation and --head_tokens are settings; a run of a train.py that had no truncation modes kept the head."""
+    root, _ = swept
+    run = finished_runs(root / "outputs")[0]
+    copy = tmp_path / "outputs" / run.relative_to(root / "outputs")
+    shutil.copytree(run, copy)
+    config = utils.load_json(copy / "config.json")
+
+    def count_done(*argv: str) -> int:
+        sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, *argv, "--dry_run"), run=never)
+        return plan(capsys.readouterr().out)[1]
+
+    assert (config["truncation"], config["head_tokens"]) == ("head", None)
+    assert (count_done(), count_done("--truncation", "head_tail")) == (1, 0)
+    head_tokens = config["max_seq_len"] // 4  # head_tail's default, recorded as a number
+    utils.save_json({**config, "truncation": "head_tail", "head_tokens": head_tokens}, copy / "config.json")
+    assert count_done() == 0
+    assert count_done("--truncation", "head_tail") == count_done("--truncation", "head_tail", "--head_tokens", str(head_tokens)) == 1
+    assert count_done("--truncation", "head_tail", "--head_tokens", str(head_tokens + 1)) == 0
+    older = {key: value for key, value in config.items() if key not in ("truncation", "head_tokens")}
+    utils.save_json(older, copy / "config.json")
+    assert (count_done(), count_done("--truncation", "tail")) == (1, 0)
+
+
 # --- several runs at once ---------------------------------------------------------------------------
 
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -121,6 +125,10 @@ def test_config_is_written_with_json_types_and_rebuilds_the_args(finished_run: P
     # The runtime options, as train.py declares them; the same split as aggregate.py's list for older runs.
     assert config["runtime_options"] == list(train.RUNTIME_OPTIONS) == list(train.Runtime.__annotations__)
     assert set(config["runtime_options"]) == {*aggregate.OLD_RUNTIME_OPTIONS, "checkpoint", "resume"}
+    # A stable order, whatever the hash seed: the settings as Args declares them, then the runtime options, then derived fields.
+    declared = [*train.Args.__annotations__, *train.Runtime.__annotations__]
+    assert list(config)[: len(declared)] == declared
+    assert list(config)[len(declared) :][:2] == ["runtime_options", "world_size"]
     # Enough to re-run: the arguments parse back to the same values.
     fields = train.Args().parse_args([]).as_dict().keys()
     rebuilt = train.Args().parse_args([]).from_dict({k: config[k] for k in fields})
@@ -214,14 +222,15 @@ def test_evaluation_loss_is_the_mean_over_examples(tiny_model_dir: Path, dataset
     label2id = data.load_label2id(dataset_dir)
     tokenizer, model = modeling.load_model(str(tiny_model_dir), label2id)
     rows = data.load_split(dataset_dir, "val", ["title", "body"], 9)
-    examples = tokenization.encode_slow(tokenizer, tokenization.texts_of(rows, ["title", "body"]), 64, True).examples([r["label"] for r in rows])
+    layout = tokenization.InputLayout(("title", "body"), 64)
+    examples = tokenization.SlowEncoder(tokenizer, "test")(tokenization.texts_of(rows, layout.text_fields), layout, True).examples([r["label"] for r in rows])
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     pad = lambda batch: data.collate(batch, tokenizer.pad_token_id)  # noqa: E731
 
     results = []
     for batch_size, ordered in ((4, data.shard_by_length(examples, 0, 1)), (5, examples), (27, examples)):
         loader = DataLoader(ordered, batch_size=batch_size, collate_fn=pad)
-        results.append(evaluation.evaluate(model, loader, torch.device("cpu"), no_autocast, 1, 9)[0])
+        results.append(evaluation.evaluate(model, loader, torch.device("cpu"), no_autocast, 1, evaluation.Objective(num_labels=9))[0])
     # 27 examples in batches of 4 or 5 (length-sorted or not): the same mean as in one batch.
     for metrics in results[:2]:
         assert metrics == pytest.approx(results[2], abs=1e-6)
@@ -234,7 +243,8 @@ def test_evaluation_loss_is_the_mean_over_examples(tiny_model_dir: Path, dataset
 def test_pairs_keep_their_segment_ids(tiny_model_dir: Path) -> None:
     """transformers 5 drops token_type_ids unless asked; BERT pairs need them."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    example = tokenization.encode_slow(tokenizer, [["映画の監督", "俳優について主演の公開が話題になっている。"]], 64, token_type_ids=True).example(0)
+    texts = [["映画の監督", "俳優について主演の公開が話題になっている。"]]
+    example = tokenization.SlowEncoder(tokenizer, "test")(texts, tokenization.InputLayout(("title", "body"), 64), token_type_ids=True).example(0)
     types = example["token_type_ids"]
     first_sep = example["input_ids"].index(tokenizer.sep_token_id)
     assert types == [0] * (first_sep + 1) + [1] * (len(types) - first_sep - 1)
@@ -246,7 +256,7 @@ def test_pairs_keep_their_segment_ids(tiny_model_dir: Path) -> None:
 def test_only_the_body_is_truncated(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     title, body = "映画の監督", "俳優について主演の公開が話題になっている。" * 40
-    example = tokenization.encode_slow(tokenizer, [[title, body]], 32, token_type_ids=True).example(0)
+    example = tokenization.SlowEncoder(tokenizer, "test")([[title, body]], tokenization.InputLayout(("title", "body"), 32), token_type_ids=True).example(0)
     assert len(example["input_ids"]) == 32
     title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
     assert example["input_ids"][1 : 1 + len(title_ids)] == title_ids
@@ -338,11 +348,115 @@ def test_model_that_cannot_be_loaded_offline(make_train_args, tmp_path: Path) ->
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("name", ["models/tiny-luke", "./tiny-luke", "/tmp/no-such-model-here", "~/no-such-model-here"])
+def test_a_missing_model_folder_is_named(name: str, make_train_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # models/ exists, models/tiny-luke does not: a mistyped local folder, not a hub name
+    with pytest.raises(InputError) as e:
+        train.main(make_train_args(tmp_path / "outputs", "--model_name", name))
+    assert str(e.value).startswith(f"model folder {name} not found: ")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_hub_names_are_not_taken_for_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert not modeling.looks_like_path("cl-tohoku/bert-base-japanese-v3")  # no cl-tohoku/ folder here
+    assert not modeling.looks_like_path("bert-base-uncased")
+    (tmp_path / "cl-tohoku").mkdir()
+    assert modeling.looks_like_path("cl-tohoku/bert-base-japanese-v3")
+
+
+class RecordWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings(monkeypatch: pytest.MonkeyPatch):
+    """transformers' warnings as a user without .envrc sees them (tests otherwise run with TRANSFORMERS_VERBOSITY=error)."""
+    root = transformers.utils.logging.get_logger()
+    handler = RecordWarnings()
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    root.addHandler(handler)
+    yield handler.messages
+    root.removeHandler(handler)
+
+
+def test_no_load_report_for_the_new_head(tiny_model_dir: Path, dataset_dir: Path, transformers_warnings: list[str], capsys) -> None:
+    label2id = data.load_label2id(dataset_dir)
+    transformers.utils.logging.get_logger("transformers.modeling_utils").warning("a real warning")  # still shows
+    modeling.load_model(str(tiny_model_dir), label2id)
+    assert transformers_warnings == ["a real warning"]  # no LOAD REPORT table
+    assert "new classification head (randomly initialised): classifier.bias, classifier.weight" in capsys.readouterr().out
+
+
+def test_encoder_weights_missing_from_the_checkpoint_are_a_warning(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(key for key in weights if "encoder.layer.0.attention.self.query.weight" in key)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    modeling.load_model(str(broken), data.load_label2id(dataset_dir))
+    out = capsys.readouterr().out
+    assert "warning: 1 encoder weight(s) are not in the checkpoint" in out
+    assert "bert.encoder.layer.0.attention.self.query.weight" in out
+
+
+def test_no_progress_bar_frames_when_the_output_is_not_a_terminal(make_train_args, tmp_path: Path, capfd) -> None:
+    train.main(make_train_args(tmp_path, "--epochs", "2"))
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err and "\x1b[A" not in out + err  # no bar frames in a log file
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["0", "1", "2"]  # a line per evaluation
+
+
+def test_progress_bars_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert utils.show_progress()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not utils.show_progress()
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(0, 10), (3, 10), (10, 10), (12, 10)])
+def test_linear_schedule_is_transformers_one(warmup: int, total: int) -> None:
+    from transformers.optimization import get_linear_schedule_with_warmup
+
+    def lrs(make) -> list[float]:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-5)
+        scheduler = make(optimizer, warmup, total)
+        values = []
+        for _ in range(total + 2):
+            values.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    assert lrs(train.linear_schedule) == pytest.approx(lrs(get_linear_schedule_with_warmup), abs=0, rel=1e-12)
+
+
 def test_diverging_loss_stops_the_run(make_train_args, tmp_path: Path) -> None:
-    with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf) in epoch 1: lower --lr"):
+    with pytest.raises(train.TrainingError, match=r"the loss became (nan|inf) in epoch 1: lower --lr") as e:
         train.main(make_train_args(tmp_path, "--lr", "1e20", "--num_warmup_epochs", "0", "--max_grad_norm", "0"))
+    assert "--dtype" not in str(e.value)  # the run is already fp32 (CPU): no other precision to suggest
     (run_dir,) = tmp_path.glob("*/*/*")
     assert not (run_dir / "test-metrics.json").exists()
+
+
+def test_divergence_hint_suggests_only_what_applies() -> None:
+    assert train.divergence_hint(torch.float32) == "lower --lr (or clip with --max_grad_norm 1.0)"
+    assert train.divergence_hint(torch.bfloat16).endswith("or use --dtype fp32")
+    assert "--dtype bf16" in train.divergence_hint(torch.float16)
 
 
 def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
@@ -355,3 +469,154 @@ def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
         f"error: {tmp_path / 'none' / 'label2id.json'} not found: run `poetry run python src/prepare.py` first (or see README for other datasets)"
     ]
     assert not (tmp_path / "outputs").exists()
+
+
+# --- multi-label, class weights, early stopping (issue 15) -------------------------------------
+
+
+def test_multi_label_run_files_and_config(multi_label_run: Path) -> None:
+    names = {p.name for p in multi_label_run.iterdir()}
+    # Per-label counts (TP/FP/FN/TN) in place of the single-label confusion matrix.
+    assert names == RUN_FILES - {"test-confusion-matrix.csv", "test-confusion-matrix.png"} | {"test-label-counts.csv", "test-label-counts.png"}
+    config = read_json(multi_label_run / "config.json")
+    assert config["problem_type"] == "multi_label_classification" and config["num_labels"] == 10
+    assert config["threshold"] == 0.5 and config["class_weights"] == "balanced" and config["early_stopping_patience"] == 0
+    saved = read_json(multi_label_run / "model" / "config.json")  # predict.py and plain transformers know the task
+    assert saved["problem_type"] == "multi_label_classification" and saved["threshold"] == 0.5
+
+
+def test_multi_label_metrics_agree_with_the_predictions(multi_label_run: Path, multi_label_dataset: Path) -> None:
+    predictions = utils.load_jsonl(multi_label_run / "test-predictions.jsonl")
+    test_rows = utils.load_jsonl(multi_label_dataset / "test.jsonl")
+    assert [p["label"] for p in predictions] == [r["label"] for r in test_rows]  # lists of ids, as in the dataset
+    for p in predictions:
+        assert len(p["probs"]) == 10 and all(0 < q < 1 for q in p["probs"])  # sigmoid, not softmax
+        assert p["pred"] == [i for i, q in enumerate(p["probs"]) if q >= 0.5]
+    truth = [[int(i in p["label"]) for i in range(10)] for p in predictions]
+    predicted = [[int(i in p["pred"]) for i in range(10)] for p in predictions]
+    expected = {"accuracy": accuracy_score(truth, predicted)}  # subset accuracy
+    for prefix, average in (("", "macro"), ("micro_", "micro")):
+        p_, r_, f_, _ = precision_recall_fscore_support(truth, predicted, average=average, zero_division=0)
+        expected.update({f"{prefix}precision": p_, f"{prefix}recall": r_, f"{prefix}f1": f_})
+    # The loss by hand: BCE with pos_weight = n_negative / n_positive per label over train, mean over labels, then over examples.
+    train_rows = utils.load_jsonl(multi_label_dataset / "train.jsonl")
+    positives = [max(sum(i in r["label"] for r in train_rows), 1) for i in range(10)]
+    pos_weight = [(len(train_rows) - n) / n for n in positives]
+    expected["loss"] = sum(
+        -sum(pos_weight[i] * y[i] * math.log(p["probs"][i]) + (1 - y[i]) * math.log(1 - p["probs"][i]) for i in range(10)) / 10
+        for p, y in zip(predictions, truth)
+    ) / len(predictions)
+    metrics = read_json(multi_label_run / "test-metrics.json")
+    assert metrics == pytest.approx(expected, rel=1e-4)
+    assert metrics["micro_f1"] >= 0.6  # the tiny model learns the task (category + group label)
+
+
+def test_multi_label_log_and_per_label_tables(multi_label_run: Path) -> None:
+    rows = read_csv(multi_label_run / "log.csv")
+    assert {"micro_precision", "micro_recall", "micro_f1"} <= set(rows[0])
+    f1s = [float(r["f1"]) for r in rows]
+    assert read_json(multi_label_run / "val-metrics.json")["best-epoch"] == f1s.index(max(f1s))  # still by macro-F1
+    predictions = utils.load_jsonl(multi_label_run / "test-predictions.jsonl")
+    counts = read_csv(multi_label_run / "test-label-counts.csv")
+    assert [r["category"] for r in counts][-1] == "group-a" and list(counts[0]) == ["category", "tp", "fp", "fn", "tn"]
+    for i, row in enumerate(counts):
+        assert int(row["tp"]) == sum(i in p["label"] and i in p["pred"] for p in predictions)
+        assert int(row["fn"]) == sum(i in p["label"] and i not in p["pred"] for p in predictions)
+        assert sum(int(row[c]) for c in ("tp", "fp", "fn", "tn")) == len(predictions)
+    report = read_csv(multi_label_run / "test-per-class.csv")
+    assert [int(r["support"]) for r in report] == [int(r["tp"]) + int(r["fn"]) for r in counts]
+
+
+@pytest.fixture(scope="session")
+def stopped_run(make_train_args, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run that cannot improve (lr 0) on an imbalanced copy of the dataset, with balanced class
+    weights and a patience of 2: it stops after epoch 2 of 6."""
+    dataset = copy_dataset(dataset_dir, tmp_path_factory.mktemp("data") / "imbalanced")
+    rows = utils.load_jsonl(dataset / "train.jsonl")
+    kept = [r for r in rows if r["label"] != 0] + [r for r in rows if r["label"] == 0][:5]
+    utils.save_jsonl(kept, dataset / "train.jsonl")
+    args = ["--dataset_dir", str(dataset), "--lr", "0", "--epochs", "6", "--early_stopping_patience", "2", "--class_weights", "balanced"]
+    return train.main(make_train_args(tmp_path_factory.mktemp("outputs"), *args))
+
+
+def test_early_stopping_ends_the_log_where_the_run_stopped(stopped_run: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = read_csv(stopped_run / "log.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # F1 never beats epoch 0's: two evaluations without improvement
+    assert read_json(stopped_run / "val-metrics.json")["best-epoch"] == 0
+    config = read_json(stopped_run / "config.json")
+    assert config["early_stopping_patience"] == 2 and "early_stopping_patience" not in config["runtime_options"]
+    assert (stopped_run / "test-metrics.json").is_file()  # a stopped run is a finished run
+
+
+def test_early_stopping_is_printed(make_train_args, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train.main(make_train_args(tmp_path, "--lr", "0", "--epochs", "3", "--early_stopping_patience", "1"))
+    assert "early stopping after epoch 1 of 3: val macro-F1 has not improved for 1 evaluation(s) since epoch 0" in capsys.readouterr().out
+    (run_dir,) = tmp_path.glob("*/*/*")
+    assert [int(r["epoch"]) for r in read_csv(run_dir / "log.csv")] == [0, 1]
+
+
+def test_balanced_class_weights_weigh_the_loss(stopped_run: Path) -> None:
+    """The test loss is the mean of -w[label] log p[label], w = n / (K x n_label) over train, computed here by hand."""
+    config = read_json(stopped_run / "config.json")
+    assert config["class_weights"] == "balanced" and "class_weights" not in config["runtime_options"]
+    train_labels = [r["label"] for r in utils.load_jsonl(Path(config["dataset_dir"]) / "train.jsonl")]
+    weights = [len(train_labels) / (9 * train_labels.count(c)) for c in range(9)]
+    assert weights[0] > 4 * weights[1]  # the rare class weighs more
+    predictions = utils.load_jsonl(stopped_run / "test-predictions.jsonl")
+    weighted = sum(-weights[p["label"]] * math.log(p["probs"][p["label"]]) for p in predictions) / len(predictions)
+    plain = sum(-math.log(p["probs"][p["label"]]) for p in predictions) / len(predictions)
+    loss = read_json(stopped_run / "test-metrics.json")["loss"]
+    assert loss == pytest.approx(weighted, rel=1e-5) and loss != pytest.approx(plain, rel=1e-3)
+
+
+def test_mixed_or_invalid_multi_labels_name_file_and_line(multi_label_dataset: Path, tmp_path: Path) -> None:
+    dataset = copy_dataset(multi_label_dataset, tmp_path / "data")
+    rows = utils.load_jsonl(dataset / "val.jsonl")
+    for change, message in [
+        (4, r"line 4: label 4 mixes task types: line 1 and the rows before this one have lists of ids \(multi-label\)"),
+        ([1, 10], r"line 4: label \[1, 10\] is not a list of ids of label2id.json \(0-9\)"),
+        ([2, 2], r"line 4: label \[2, 2\] repeats an id"),
+        ([True], r"line 4: label \[true\] is not a list of ids"),
+    ]:
+        utils.save_jsonl([*rows[:3], {**rows[3], "label": change}, *rows[4:]], dataset / "val.jsonl")
+        with pytest.raises(InputError, match=rf"^{re.escape(str(dataset / 'val.jsonl'))}: {message}"):
+            data.load_split(dataset, "val", ["title", "body"], 10)
+    # An empty list is a valid multi-label row (none of the labels).
+    utils.save_jsonl([{**rows[0], "label": []}, *rows[1:]], dataset / "val.jsonl")
+    assert data.load_split(dataset, "val", ["title", "body"], 10)[0]["label"] == []
+
+
+def test_splits_of_different_task_types_are_refused(make_train_args, dataset_dir: Path, multi_label_dataset: Path, tmp_path: Path) -> None:
+    dataset = copy_dataset(multi_label_dataset, tmp_path / "data")
+    single = utils.load_jsonl(dataset_dir / "test.jsonl")
+    utils.save_jsonl(single, dataset / "test.jsonl")
+    with pytest.raises(InputError, match=r"mix task types \(.*train.jsonl: lists of ids, .*test.jsonl: single ids\): prepare the dataset again"):
+        train.main(make_train_args(tmp_path / "out", "--dataset_dir", str(dataset)))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--threshold", "1"], "--threshold must lie between 0 and 1"), (["--early_stopping_patience", "-1"], "cannot be negative")])
+def test_new_options_are_checked(flags: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        train.Args().parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_a_multi_label_csv_from_prepare_trains(make_train_args, dataset_dir: Path, tmp_path: Path) -> None:
+    """prepare.py --input with --label_sep, then train.py: the user's path, Japanese column names included."""
+    import prepare
+
+    rows = utils.load_jsonl(dataset_dir / "all.jsonl")
+    tags = lambda row: row["category"] + ("|グループ" if row["label"] < 3 else "")  # noqa: E731
+    utils.save_csv(["タイトル", "本文", "タグ"], ([r["title"], r["body"], tags(r)] for r in rows), tmp_path / "tags.csv")
+    prepare.main(prepare.Args().parse_args([
+        "--input", str(tmp_path / "tags.csv"), "--text_fields", "タイトル", "本文", "--label_field", "タグ", "--label_sep", "|",
+        "--output_dir", str(tmp_path / "tags"),
+    ]))  # fmt: skip
+    run_dir = train.main(make_train_args(tmp_path / "out", "--dataset_dir", str(tmp_path / "tags"), "--text_fields", "タイトル", "本文", "--epochs", "2"))
+    assert read_json(run_dir / "config.json")["problem_type"] == "multi_label_classification"
+    label2id = read_json(tmp_path / "tags" / "label2id.json")
+    predictions = utils.load_jsonl(run_dir / "test-predictions.jsonl")
+    assert all(isinstance(p["label"], list) and isinstance(p["pred"], list) for p in predictions)
+    assert any(label2id["グループ"] in p["label"] for p in predictions)
+    assert {"micro_f1", "f1", "accuracy"} <= set(read_json(run_dir / "test-metrics.json"))

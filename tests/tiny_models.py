@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tiny_bert import SPECIAL_TOKENS, build_tiny_bert, build_vocab, read_texts  # noqa: E402
 from utils import atomic_dir  # noqa: E402
 
-VOCAB_SIZE = 1000  # subword pieces of the SentencePiece / tokenizers vocabularies (fewer if the text has fewer)
+VOCAB_SIZE = 1000  # subword pieces of the SentencePiece / tokenizers vocabularies (fewer if the text has fewer; more if it has more characters)
+PIECE_MARGIN = 200  # pieces beyond the single characters: special and meta pieces, and room for some longer pieces
 LONG_CONTEXT = 8192  # ModernBERT's positions (sbintuitions/modernbert-ja-*: max_position_embeddings 8192)
 
 
@@ -49,14 +51,27 @@ def load_and_save_tokenizer(output_dir: Path, tokenizer_config: dict) -> Any:
     return tokenizer
 
 
+def vocab_size(texts: list[str]) -> int:
+    """VOCAB_SIZE, or more where the text has more distinct characters than that (a real corpus: livedoor has 3,361).
+
+    Both trainers keep every character as a piece of its own (character_coverage 1.0 / the unigram
+    trainer's alphabet) and fail when the vocabulary cannot hold them all. Characters are counted as
+    written and NFKC-normalised, as SentencePiece normalises them before training.
+    """
+    chars = {char for text in texts for char in text} | {char for text in texts for char in unicodedata.normalize("NFKC", text)}
+    return max(VOCAB_SIZE, len(chars) + PIECE_MARGIN)
+
+
 def train_sentencepiece(texts: list[str], path: Path, **options: Any) -> None:
     """A unigram SentencePiece model of the text (every character kept), written to `path`."""
     import sentencepiece as spm
 
     model = io.BytesIO()
+    # No text skipped: SentencePiece leaves out sentences over 4,192 bytes (1,400 Japanese characters), and their characters with them.
+    longest = max((len(text.encode()) for text in texts), default=0)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=VOCAB_SIZE, hard_vocab_limit=False,
-        model_type="unigram", character_coverage=1.0, minloglevel=2, **options,
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size(texts), hard_vocab_limit=False,
+        model_type="unigram", character_coverage=1.0, max_sentence_length=max(4192, longest), minloglevel=2, **options,
     )  # fmt: skip
     path.write_bytes(model.getvalue())
 
@@ -155,7 +170,7 @@ def build_modernbert(texts: list[str], output_dir: Path, hidden_size: int, num_l
     backend = Tokenizer(models.Unigram())
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, unk_token="<unk>"))
+    backend.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size(texts), special_tokens=specials, unk_token="<unk>"))
     cls_id, sep_id = backend.token_to_id("<cls>"), backend.token_to_id("<sep>")
     backend.post_processor = processors.TemplateProcessing(
         single="<cls> $A <sep>", pair="<cls> $A <sep> $B <sep>", special_tokens=[("<cls>", cls_id), ("<sep>", sep_id)]
@@ -190,6 +205,88 @@ def build_deberta_v2(texts: list[str], output_dir: Path, hidden_size: int, num_l
     return save_base_model(DebertaV2Model, config, output_dir, seed)
 
 
+# --- decoder LLMs (sequence classification by the last real token) ----------------------------
+
+
+def bpe_tokenizer(texts: list[str], output_dir: Path, bos: str | None, eos: str, tokenizer_class: str) -> Any:
+    """A byte-level BPE tokenizer.json trained on the texts, with no pad token (as Llama's, Mistral's, Gemma's).
+
+    Qwen2Tokenizer gives itself <|endoftext|> as pad token, as Qwen's hub tokenizers have; the model's
+    config has no pad_token_id all the same (train.py sets it from the tokenizer). With `bos`, every text starts with it (Llama, Mistral, Gemma); without, nothing is added (Qwen).
+    tokenizer_config.json names the hub's tokenizer class; transformers 5 loads every one of them from tokenizer.json.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer
+
+    specials = [token for token in (bos, eos) if token]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    if bos:
+        bos_id = backend.token_to_id(bos)
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.save(str(output_dir / "tokenizer.json"))
+    tokenizer_config = {"tokenizer_class": tokenizer_class, "eos_token": eos, "model_max_length": LONG_CONTEXT, "add_bos_token": bool(bos)}
+    if bos:
+        tokenizer_config["bos_token"] = bos
+    (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer.sep_token is None and tokenizer.pad_token in (None, "<|endoftext|>" if tokenizer_class == "Qwen2Tokenizer" else None)
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def decoder_sizes(hidden_size: int, num_layers: int) -> dict[str, int]:
+    """Shape arguments of the decoder configs: grouped-query attention (2 heads sharing 1 key/value head) as in the real models."""
+    return {
+        "hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "intermediate_size": hidden_size * 2, "max_position_embeddings": LONG_CONTEXT,
+    }  # fmt: skip
+
+
+def save_decoder(config_class: Any, model_class: Any, tokenizer: Any, output_dir: Path, seed: int, **config: Any) -> Path:
+    """A causal LM with random weights, as the hub publishes decoders (the *ForCausalLM checkpoint, no pad_token_id)."""
+    config = config_class(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config)
+    return save_base_model(model_class, config, output_dir, seed)
+
+
+def build_llama(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """meta-llama/Llama-3.x and its Japanese descendants (llm-jp-3, Swallow, sarashina2): <|begin_of_text|> first, no pad token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bpe_tokenizer(texts, output_dir, "<|begin_of_text|>", "<|end_of_text|>", "PreTrainedTokenizerFast")
+    return save_decoder(LlamaConfig, LlamaForCausalLM, tokenizer, output_dir, seed, tie_word_embeddings=False, **decoder_sizes(hidden_size, num_layers))
+
+
+def build_qwen2(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """Qwen/Qwen2.5-*: no begin-of-text token, <|endoftext|> ends a text; tied embeddings (the small Qwen models)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = bpe_tokenizer(texts, output_dir, None, "<|endoftext|>", "Qwen2Tokenizer")
+    return save_decoder(Qwen2Config, Qwen2ForCausalLM, tokenizer, output_dir, seed, tie_word_embeddings=True, **decoder_sizes(hidden_size, num_layers))
+
+
+def build_mistral(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """mistralai/Mistral-7B-*: <s> first, no pad token; sliding-window attention in the config."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = bpe_tokenizer(texts, output_dir, "<s>", "</s>", "PreTrainedTokenizerFast")
+    return save_decoder(MistralConfig, MistralForCausalLM, tokenizer, output_dir, seed, sliding_window=64, **decoder_sizes(hidden_size, num_layers))
+
+
+def build_gemma2(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """google/gemma-2-*: <bos> first, soft-capped logits, local and global attention layers."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = bpe_tokenizer(texts, output_dir, "<bos>", "<eos>", "PreTrainedTokenizerFast")
+    return save_decoder(Gemma2Config, Gemma2ForCausalLM, tokenizer, output_dir, seed, head_dim=16, sliding_window=64, **decoder_sizes(hidden_size, num_layers))
+
+
 Builder = Callable[[list[str], Path, int, int, int], Path]
 
 # Family name -> (builder, tokenizer class the folder loads with, the hub models it stands for).
@@ -204,6 +301,14 @@ FAMILIES: dict[str, tuple[Builder, str, str]] = {
     "deberta-v2": (build_deberta_v2, "DebertaV2Tokenizer", "ku-nlp/deberta-v3-base-japanese"),
 }
 
+# Decoder LLMs, trained with LoRA (tests/test_lora.py): the same shape of entry.
+DECODER_FAMILIES: dict[str, tuple[Builder, str, str]] = {
+    "llama": (build_llama, "PreTrainedTokenizerFast", "llm-jp/llm-jp-3-1.8b, tokyotech-llm/Llama-3.1-Swallow-8B-v0.3, sbintuitions/sarashina2.2-1b"),
+    "qwen2": (build_qwen2, "Qwen2Tokenizer", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "mistral": (build_mistral, "PreTrainedTokenizerFast", "mistralai/Mistral-7B-v0.3"),
+    "gemma2": (build_gemma2, "PreTrainedTokenizerFast", "google/gemma-2-2b-jpn-it"),
+}
+
 
 def build_tiny_model(family: str, texts: list[str], output_dir: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
     """Save a tiny model of FAMILY (random weights, a tokenizer trained on TEXTS) to output_dir, replacing it whole.
@@ -213,14 +318,14 @@ def build_tiny_model(family: str, texts: list[str], output_dir: Path, hidden_siz
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    builder, _, _ = FAMILIES[family]
+    builder, _, _ = {**FAMILIES, **DECODER_FAMILIES}[family]
     with atomic_dir(output_dir) as tmp:
         builder(texts, tmp, hidden_size, num_layers, seed)
     return output_dir
 
 
 class Args(Tap):
-    family: str  # one of FAMILIES: bert-word, bert-char, mbert, xlm-roberta, luke, mluke, modernbert, deberta-v2
+    family: str  # one of FAMILIES (bert-word, bert-char, mbert, xlm-roberta, luke, mluke, modernbert, deberta-v2) or DECODER_FAMILIES (llama, qwen2, mistral, gemma2)
     dataset_dir: Path = Path("datasets/livedoor")  # a prepared dataset; its train.jsonl gives the vocabulary
     output_dir: Path  # where the model and tokenizer are saved
     hidden_size: int = 32  # width of the model (base models: 768)
@@ -228,10 +333,10 @@ class Args(Tap):
     seed: int = 0  # seed of the random weights
 
     def configure(self) -> None:
-        self.add_argument("--family", choices=list(FAMILIES))
+        self.add_argument("--family", choices=[*FAMILIES, *DECODER_FAMILIES])
 
 
 if __name__ == "__main__":
     args = Args().parse_args()
     build_tiny_model(args.family, read_texts(args.dataset_dir), args.output_dir, args.hidden_size, args.num_layers, args.seed)
-    print(f"saved a tiny {args.family} ({FAMILIES[args.family][1]}) to {args.output_dir}")
+    print(f"saved a tiny {args.family} ({({**FAMILIES, **DECODER_FAMILIES})[args.family][1]}) to {args.output_dir}")

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import bench_env  # noqa: F401 (first: src/ and tests/ on the path, the environment set)
 
@@ -46,6 +47,7 @@ class Args(Tap):
     dataset_dir: Path | None = None  # a prepared dataset; default: a fake corpus of the real one's size, with bodies of livedoor's length
     body_chars: tuple[int, int] = (1000, 3000)  # range of body lengths (characters) of the fake corpus
     max_seq_len: int = 512  # tokens per example, as train.py's --max_seq_len
+    truncation: Literal["head", "tail", "head_tail"] = "head"  # what of a long body is kept, as train.py's --truncation
     num_workers: int = 1  # tokeniser processes for both paths (1: the speed of one core; 0: train.py's default)
     work_dir: Path | None = None  # keep the corpus, dataset and tokenizer here (default: a temporary folder, deleted at the end)
 
@@ -90,10 +92,10 @@ def main(args: Args) -> None:
         print("preparing the corpus and the tokenizer ...", flush=True)
         dataset_dir, model_name = source(args, work_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-        text_fields = ["title", "body"]
-        token_type_ids = tokenization.wants_token_type_ids(AutoConfig.from_pretrained(model_name), text_fields)
-        rows = {split: data.load_split(dataset_dir, split, text_fields, 10**9) for split in data.SPLITS}
-        texts = [text for split in data.SPLITS for text in tokenization.texts_of(rows[split], text_fields)]
+        layout = tokenization.InputLayout(("title", "body"), args.max_seq_len, args.truncation)
+        token_type_ids = tokenization.wants_token_type_ids(AutoConfig.from_pretrained(model_name), layout.text_fields)
+        rows = {split: data.load_split(dataset_dir, split, layout.text_fields, 10**9) for split in data.SPLITS}
+        texts = [text for split in data.SPLITS for text in tokenization.texts_of(rows[split], layout.text_fields)]
         mean_chars = sum(len(body) for _, body in texts) / len(texts)
 
         # 1. Both paths over the same documents, one after the other.
@@ -104,12 +106,13 @@ def main(args: Args) -> None:
         for name, encoder in encoders.items():
             print(f"tokenising {len(texts):,} documents by the {name} path ...", flush=True)
             start = time.perf_counter()
-            outputs[name] = tokenization.encode_parallel(encoder, texts, args.max_seq_len, token_type_ids, args.num_workers)
+            outputs[name] = tokenization.encode_parallel(encoder, texts, layout, token_type_ids, args.num_workers)
             speeds[name] = len(texts) / (time.perf_counter() - start)
         slow, fast = outputs["slow"], outputs["fast"]
         same = np.array_equal(slow.offsets, fast.offsets) and np.array_equal(slow.input_ids, fast.input_ids) and (
             slow.token_type_ids is None or np.array_equal(slow.token_type_ids, fast.token_type_ids)
-        )
+        ) and np.array_equal(slow.dropped, fast.dropped)
+        report = fast.truncation_report()
         mean_tokens = outputs["fast"].offsets[-1] / len(texts)
 
         # 2. A run start's tokenisation step with an empty cache, then with the entry written.
@@ -120,7 +123,7 @@ def main(args: Args) -> None:
             print(f"run start, {name} cache ...", flush=True)
             start = time.perf_counter()
             tokenization.tokenize_splits(
-                rows, files, tokenizer, text_fields=text_fields, max_seq_len=args.max_seq_len, token_type_ids=token_type_ids,
+                rows, files, tokenizer, layout=layout, token_type_ids=token_type_ids,
                 slow=False, num_workers=args.num_workers, cache_dir=cache_dir, log=lines.append,
             )
             steps[name] = time.perf_counter() - start
@@ -136,12 +139,13 @@ def main(args: Args) -> None:
             f"command:   {command}",
             f"tokenizer: {model_name} ({type(tokenizer).__name__}); transformers {transformers.__version__}",
             f"data:      {args.dataset_dir or 'fake corpus of the real size'}: {len(texts):,} documents (all splits), body {mean_chars:,.0f} characters "
-            f"on average; max_seq_len {args.max_seq_len}: {mean_tokens:.0f} tokens/document",
-            f"machine:   {tokenization.available_cpus()} usable CPU cores; {workers} tokeniser process(es) for each path",
+            f"on average; max_seq_len {args.max_seq_len}, {args.truncation} truncation: {mean_tokens:.0f} tokens/document; "
+            f"{report['truncated_share']:.1%} truncated, {report['mean_tokens_dropped_per_truncated_example']:,.0f} tokens dropped per truncated one",
+            f"machine:   {utils.available_cpus()} usable CPU cores; {workers} tokeniser process(es) for each path",
             "",
             f"slow (the tokenizer's own code): {speeds['slow']:8,.1f} documents/s",
             f"fast (MeCab + Rust WordPiece):   {speeds['fast']:8,.1f} documents/s",
-            f"fast / slow: {speeds['fast'] / speeds['slow']:.2f}x   identical ids and lengths: {'yes' if same else 'NO'}",
+            f"fast / slow: {speeds['fast'] / speeds['slow']:.2f}x   identical ids, lengths and truncation counts: {'yes' if same else 'NO'}",
             "",
             f"run start, tokenisation step: cold cache {steps['cold']:.2f} s (fast path + writing the entry), warm cache {steps['warm']:.2f} s "
             f"(reading {entry_mib:,.1f} MiB)",

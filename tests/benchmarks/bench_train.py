@@ -45,7 +45,6 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from tap import Tap  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
-from transformers.optimization import get_linear_schedule_with_warmup  # noqa: E402
 
 import data  # noqa: E402
 import modeling  # noqa: E402
@@ -186,9 +185,9 @@ def measure_tokenisation(train_argv: list[str], rows: list[dict], path: Path, la
     del model
     start = time.perf_counter()
     examples = tokenization.tokenize_splits(
-        {"train": rows}, {"train": path}, tokenizer, text_fields=args.text_fields, max_seq_len=args.max_seq_len,
+        {"train": rows}, {"train": path}, tokenizer, layout=tokenization.InputLayout.of(args),
         token_type_ids=token_type_ids, slow=args.slow_tokenizer, num_workers=args.num_workers, cache_dir=None, log=print,
-    )["train"]
+    )[0]["train"]
     seconds = time.perf_counter() - start
     tokens = sum(len(e["input_ids"]) for e in examples)
     return examples, {
@@ -225,7 +224,7 @@ def measure_model_only(train_argv: list[str], examples: list[dict], label2id: di
     compiled = torch.compile(model, dynamic=True) if args.compile else model
     groups, _ = modeling.param_groups(model, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, warmup_steps + steps + 1)
+    scheduler = train.linear_schedule(optimizer, 0, warmup_steps + steps + 1)
     autocast = partial(torch.autocast, device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     compiled.train()

@@ -1,0 +1,252 @@
+"""What tests/gpu/checks.py needs torch for, run in its own processes: the data and models, and bert-base's model-only rate.
+
+    python tests/gpu/workloads.py setup WORK_DIR           # dataset, tiny models and a bert-base-sized model under WORK_DIR
+    python tests/gpu/workloads.py model_only WORK_DIR      # bert-base steps on random ids (bf16, fused AdamW): one JSON line
+
+No MeCab here: the GPU image has no fugashi/unidic-lite (too big to carry), so the models use tokenizers
+built on the spot from the fixture corpus: a character BertTokenizer (WordPiece over single characters,
+transformers' Rust-backed class) for the BERTs, and a `tokenizers` BPE without a pad token, as real LLM
+tokenizers have none, for the tiny decoder of the LoRA check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO / "src"), str(REPO / "tests"), str(REPO / "tests" / "benchmarks")]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# cl-tohoku/bert-base-japanese-v3's config (its config.json on the hub): the shape measured, with random weights.
+BERT_BASE = {"vocab_size": 32768, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+             "max_position_embeddings": 512, "type_vocab_size": 2}  # fmt: skip
+BASE_SEQ_LEN = 512
+BASE_BATCH = 32  # the batch size of the model-only and full-loop measurements (the rates compared)
+BASE_TRAIN_DOCUMENTS = 2016  # 63 steps of 32 per epoch
+BASE_EVAL_DOCUMENTS = 64
+BODY_CHARS = (1800, 2600)  # livedoor-length bodies: every document fills 512 character tokens
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def prepare_dataset(work_dir: Path) -> Path:
+    """The fixture corpus (tests/fake_corpus.py) prepared by src/prepare.py, as the tests do."""
+    import contextlib
+    import io
+
+    import prepare
+    from fake_corpus import write_corpus
+
+    corpus = write_corpus(work_dir / "text", 30)
+    dataset_dir = work_dir / "dataset"
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare.main(prepare.Args().parse_args(["--input_dir", str(corpus), "--output_dir", str(dataset_dir)]))
+    return dataset_dir
+
+
+def long_dataset(dataset_dir: Path, output_dir: Path) -> Path:
+    """BASE_TRAIN_DOCUMENTS train rows (and small val/test) with livedoor-length bodies, made of the corpus's own lines."""
+    import utils
+
+    rng = random.Random(0)
+    rows = {split: utils.load_jsonl(dataset_dir / f"{split}.jsonl") for split in ("train", "val", "test")}
+    lines = [line for row in rows["train"] for line in row["body"].split("\n") if line]
+
+    def lengthen(row: dict, i: int) -> dict:
+        target, parts = rng.randint(*BODY_CHARS), [row["body"]]
+        while sum(map(len, parts)) < target:
+            parts.append(rng.choice(lines))
+        return {**row, "id": f"{row['id']}-{i}", "body": "\n".join(parts)}
+
+    sizes = {"train": BASE_TRAIN_DOCUMENTS, "val": BASE_EVAL_DOCUMENTS, "test": BASE_EVAL_DOCUMENTS}
+    for split, size in sizes.items():
+        source = rows[split]
+        utils.save_jsonl((lengthen(source[i % len(source)], i) for i in range(size)), output_dir / f"{split}.jsonl")
+    (output_dir / "label2id.json").write_bytes((dataset_dir / "label2id.json").read_bytes())
+    return output_dir
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def char_vocab(texts: list[str], size: int | None = None) -> list[str]:
+    """Special tokens, every character alone and as ##continuation; padded with [unused] entries to `size`."""
+    chars = sorted({char for text in texts for char in text if not char.isspace()})
+    vocab = SPECIAL_TOKENS + chars + [f"##{char}" for char in chars]
+    if size is not None:
+        if len(vocab) > size:
+            raise ValueError(f"{len(vocab)} character entries do not fit a vocabulary of {size}")
+        vocab += [f"[unused{i}]" for i in range(size - len(vocab))]
+    return vocab
+
+
+def check_no_unknown(tokenizer, texts: list[str]) -> None:
+    """The tokenizer knows every character of the corpus: a model that sees only unknown tokens would check nothing."""
+    ids = tokenizer(texts[:50], add_special_tokens=False)["input_ids"]
+    unknown = sum(row.count(tokenizer.unk_token_id) for row in ids)
+    if unknown or len(tokenizer) < 10:
+        raise RuntimeError(f"{type(tokenizer).__name__} ({len(tokenizer)} tokens) maps {unknown} tokens of the corpus to {tokenizer.unk_token}")
+
+
+def build_char_bert(texts: list[str], output_dir: Path, sizes: dict, seed: int = 0) -> Path:
+    """A BertModel with random weights and a character BertTokenizer, saved like a hub checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # Loaded from hub-style files, as tests/tiny_models.py does (BertTokenizer's constructor arguments differ between transformers versions).
+    (output_dir / "vocab.txt").write_text("\n".join(char_vocab(texts, sizes.get("vocab_size"))) + "\n", encoding="utf-8")
+    tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 512}
+    (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    check_no_unknown(tokenizer, texts)
+    tokenizer.save_pretrained(output_dir)
+    config = BertConfig(**{"max_position_embeddings": 512, "type_vocab_size": 2, **sizes, "vocab_size": sizes.get("vocab_size", len(tokenizer))})
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(output_dir)
+    return output_dir
+
+
+def build_tiny_decoder(texts: list[str], output_dir: Path, seed: int = 0) -> Path:
+    """A tiny Llama with random weights and a BPE tokenizer with no pad token (as LLM tokenizers ship)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    chars = len({char for text in texts for char in text})
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=chars + 300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=512)
+    check_no_unknown(tokenizer, texts)
+    tokenizer.save_pretrained(output_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    LlamaModel(config).save_pretrained(output_dir)
+    return output_dir
+
+
+def setup(work_dir: Path) -> dict:
+    """Everything the checks read, under work_dir; returns their paths (also written to work_dir/setup.json)."""
+    from tiny_bert import read_texts  # titles and bodies of train.jsonl (no MeCab needed)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    start = time.perf_counter()
+    dataset_dir = prepare_dataset(work_dir)
+    texts = read_texts(dataset_dir)
+    long_dir = long_dataset(dataset_dir, work_dir / "dataset-long")
+    paths = {
+        "dataset": str(dataset_dir),
+        "tiny_bert": str(build_char_bert(texts, work_dir / "models" / "tiny-char-bert", {"hidden_size": 32, "num_hidden_layers": 2,
+                                                                                          "num_attention_heads": 2, "intermediate_size": 128})),
+        "tiny_decoder": str(build_tiny_decoder(texts, work_dir / "models" / "tiny-llama")),
+        "long_dataset": str(long_dir),
+        "bert_base": str(build_char_bert(read_texts(long_dir), work_dir / "models" / "bert-base-sized", BERT_BASE)),
+    }  # fmt: skip
+    (work_dir / "setup.json").write_text(json.dumps(paths, indent=1), encoding="utf-8")
+    print(f"setup: {json.dumps(paths)} in {time.perf_counter() - start:.1f} s")
+    return paths
+
+
+# --- bert-base throughput ---------------------------------------------------------------------
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Matrix-product FLOPs of one token's forward and backward: 6 x non-embedding parameters + attention (12 x layers x seq_len x hidden)."""
+    import torch
+
+    embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False))
+    params = sum(p.numel() for p in model.parameters()) - embedding
+    config = model.config
+    return 6 * params + 12 * config.num_hidden_layers * seq_len * config.hidden_size
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 tensor-core peak of the device (bench_train.PEAK_TFLOPS), FLOP/s."""
+    from bench_train import PEAK_TFLOPS
+
+    return next((peak * 1e12 for name, peak in PEAK_TFLOPS if name.lower() in device_name.lower()), None)
+
+
+def model_only(work_dir: Path, steps: int = 30, warmup: int = 5, device_name: str = "cuda", batch: int = BASE_BATCH, seq_len: int = BASE_SEQ_LEN) -> dict:
+    """bert-base training steps on random ids (bf16 autocast, fp32 loss), with fused AdamW and with AdamW's default (foreach), as train.py builds it.
+
+    The device, batch and length are parameters only so that the function can be tried on a CPU at a tiny size.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification
+
+    paths = json.loads((work_dir / "setup.json").read_text(encoding="utf-8"))
+    device = torch.device(device_name, 0) if device_name == "cuda" else torch.device(device_name)
+    torch.set_float32_matmul_precision("high")  # as train.py
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
+    results: dict = {"device_name": name, "batch": batch, "seq_len": seq_len, "steps": steps}
+    for optimizer_kind in ("fused", "foreach"):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(paths["bert_base"], num_labels=9).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, **{optimizer_kind: True})
+        generator = torch.Generator(device=device).manual_seed(0)
+        batches = [
+            {
+                "input_ids": torch.randint(5, model.config.vocab_size, (batch, seq_len), device=device, generator=generator),
+                "token_type_ids": torch.zeros(batch, seq_len, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device),
+                "labels": torch.randint(0, 9, (batch,), device=device, generator=generator),
+            }
+            for _ in range(4)
+        ]
+
+        def step(batch: dict) -> None:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = model(**inputs).logits
+            F.cross_entropy(logits.float(), batch["labels"]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for i in range(warmup):
+            step(batches[i % len(batches)])
+        synchronize(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        tokens_per_s = steps * batch * seq_len / seconds
+        results[optimizer_kind] = {"tokens_per_s": tokens_per_s, "step_ms": seconds / steps * 1e3}
+        results["flops_per_token"] = flops_per_token(model, seq_len)
+        del model, optimizer, batches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    peak = peak_flops(name)
+    results["peak_flops"] = peak
+    for kind in ("fused", "foreach"):
+        results[kind]["mfu"] = results["flops_per_token"] * results[kind]["tokens_per_s"] / peak if peak else math.nan
+    return results
+
+
+if __name__ == "__main__":
+    command, folder = sys.argv[1], Path(sys.argv[2])
+    if command == "setup":
+        setup(folder)
+    elif command == "model_only":
+        print("RESULT " + json.dumps(model_only(folder)))
+    else:
+        sys.exit(f"unknown command {command!r}: setup or model_only")

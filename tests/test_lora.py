@@ -1,0 +1,232 @@
+"""LoRA (src/lora.py) on encoders and decoder LLMs, and decoders as sequence classifiers.
+
+Tiny random decoders of four families (tests/tiny_models.DECODER_FAMILIES: Llama, Qwen2, Mistral,
+Gemma 2), each with a byte-level BPE tokenizer and no pad token where the hub's has none, and a LoRA
+BERT. Per family: 2 processes under torchrun saving the adapter (one launch for all), predict.py on
+that adapter, and one process with gradient checkpointing saving a merged model, predict.py on it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import data
+import lora
+import modeling
+import predict
+import tokenization
+import train
+import utils
+from conftest import TINY_TRAINING
+from tiny_models import DECODER_FAMILIES
+from utils import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_EPOCH = [*TINY_TRAINING, "--epochs", "1"]
+LORA = ["--lora_r", "8", "--lora_alpha", "16"]
+LABEL2ID = {f"c{i}": i for i in range(9)}
+
+
+def run_args(model_dir: Path, dataset_dir: Path, output_root: Path, *extra: str) -> train.Args:
+    base = ["--model_name", str(model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root)]
+    return train.Args().parse_args([*base, *ONE_EPOCH, *extra])
+
+
+def predict_file(model_dir: Path, dataset_dir: Path, output: Path) -> list[dict]:
+    return predict.main(predict.Args().parse_args([
+        "--model_dir", str(model_dir), "--input_file", str(dataset_dir / "test.jsonl"), "--output_file", str(output),
+        "--device", "cpu", "--num_workers", "1",
+    ]))  # fmt: skip
+
+
+def assert_same_predictions(predictions: list[dict], run_dir: Path) -> None:
+    """predict.py's output is the run's own test predictions (classes and probabilities)."""
+    run_predictions = utils.load_jsonl(run_dir / "test-predictions.jsonl")
+    assert [p["pred_id"] for p in predictions] == [p["pred"] for p in run_predictions]
+    for ours, theirs in zip(predictions, run_predictions):
+        assert list(ours["probs"].values()) == pytest.approx(theirs["probs"], abs=1e-4)
+
+
+# --- which layers, which parameters ----------------------------------------------------------
+
+
+def test_adapters_go_on_the_linear_layers_of_the_blocks_and_the_head_is_trained_in_full(tiny_family_model) -> None:
+    llama = AutoModelForSequenceClassification.from_pretrained(tiny_family_model("llama"), num_labels=9)
+    targets = lora.target_layers(llama)
+    assert lora.leaf_names(targets) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert len(targets) == 2 * 7 and all(name.startswith("model.layers.") for name in targets)  # 2 layers, never `score`
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_family_model("bert-word"), num_labels=9)
+    targets = lora.target_layers(bert)
+    assert all(name.startswith("bert.encoder.layer.") for name in targets) and len(targets) == 2 * 6  # not the pooler, not the classifier
+    model, summary = lora.apply_lora(bert, lora.LoraSettings(r=4))
+    assert summary == (
+        "LoRA r=4 alpha=16 dropout=0.1 on 12 layers (the Linear layers of its transformer blocks: query, key, value, dense); "
+        "trained in full: classifier"
+    )
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or ".classifier.modules_to_save." in name for name in trainable), trainable
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    count, total, line = lora.trainable_share(model)
+    assert count == sum(p.numel() for p in model.parameters() if p.requires_grad) and line.startswith(f"trainable parameters: {count:,} of {total:,} (")
+
+
+def test_target_modules_override_and_a_name_that_matches_nothing(tiny_family_model) -> None:
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_family_model("llama"), num_labels=9)
+    assert lora.target_layers(model, ["q_proj", "v_proj"]) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    with pytest.raises(InputError) as e:
+        lora.target_layers(model, ["query"])
+    assert str(e.value).startswith("--lora_target_modules query: no Linear or Embedding layer of LlamaForSequenceClassification is named so; its layers: ")
+    assert "q_proj" in str(e.value) and "score" not in str(e.value)
+
+
+# --- decoders: padding, pooling, joined title and body ----------------------------------------
+
+
+def test_decoder_without_pad_token_pads_with_eos_and_pools_the_last_real_token(tiny_family_model, capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizer, model = modeling.load_model(str(tiny_family_model("llama")), LABEL2ID)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|end_of_text|>" and model.config.pad_token_id == tokenizer.eos_token_id
+    assert "padding: the tokenizer has no pad token; its end-of-text token '<|end_of_text|>'" in capsys.readouterr().out
+    model.eval()
+    short, long = tokenizer("映画の話題")["input_ids"], tokenizer("監督と俳優が主演した映画の話題です。")["input_ids"]
+    batch = data.collate([{"input_ids": ids, "label": 0, "index": i} for i, ids in enumerate((short, long))], tokenizer.pad_token_id)
+    assert batch["input_ids"][0, -1] == tokenizer.pad_token_id  # right padding
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = model(input_ids=torch.tensor([short])).logits
+    torch.testing.assert_close(padded[0], alone[0])  # the padded row is read at its last real token
+
+    # Qwen's tokenizer has a pad token already; its config has no pad_token_id until the model is loaded here.
+    tokenizer, model = modeling.load_model(str(tiny_family_model("qwen2")), LABEL2ID)
+    assert tokenizer.pad_token == "<|endoftext|>" and model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_decoders_read_title_and_body_as_one_text_joined_by_a_newline(tiny_family_model) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family_model("llama"))
+    assert tokenization.text_separator(tokenizer, ["title", "body"]) == "\n"
+    assert tokenization.text_separator(tokenizer, ["body"]) is None
+    assert tokenization.text_separator(AutoTokenizer.from_pretrained(tiny_family_model("bert-word")), ["title", "body"]) is None
+    rows = [{"title": "映画の話題", "body": "監督と俳優が主演した。" * 20}]
+    texts = tokenization.texts_of(rows, ["title", "body"], "\n")
+    assert texts == [["映画の話題\n" + rows[0]["body"]]]
+    encoded = tokenization.SlowEncoder(tokenizer, "test")(texts, tokenization.InputLayout(("text",), 16), False)
+    whole = tokenizer(texts[0][0])["input_ids"]
+    assert encoded.example(0)["input_ids"] == whole[:16] and whole[0] == tokenizer.bos_token_id  # the start kept: the body is cut
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_load_in_4bit_needs_cuda_and_lora_flags_need_lora(tiny_family_model, dataset_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError) as e:
+        train.main(run_args(tiny_family_model("llama"), dataset_dir, tmp_path, *LORA, "--load_in_4bit"))
+    assert str(e.value) == "--load_in_4bit (QLoRA through bitsandbytes) needs a CUDA GPU; this run is on cpu: drop the flag"
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    for flags in (["--merge_lora"], ["--lora_target_modules", "q_proj"]):
+        with pytest.raises(SystemExit):
+            run_args(tiny_family_model("llama"), dataset_dir, tmp_path, *flags)
+    assert lora.LoraSettings().r == 0 and train.Args().parse_args([]).lora_r == 0  # full fine-tuning by default
+
+
+# --- a LoRA encoder ---------------------------------------------------------------------------
+
+
+def test_lora_bert_trains_saves_its_adapter_and_predict_reproduces_the_run(
+    tiny_family_model, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = train.main(run_args(tiny_family_model("bert-word"), dataset_dir, tmp_path / "out", *LORA, "--save_model"))
+    config = utils.load_json(run_dir / "config.json")
+    assert config["lora_r"] == 8 and "lora_r" not in config["runtime_options"] and "merge_lora" in config["runtime_options"]
+    assert 0 < config["num_trainable_params"] < config["num_params"] / 3
+    out = capsys.readouterr().out
+    assert f"trainable parameters: {config['num_trainable_params']:,} of " in out and "LoRA r=8 alpha=16 dropout=0.1 on 12 layers" in out
+    saved = {p.name for p in (run_dir / "model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "vocab.txt"} <= saved and "model.safetensors" not in saved
+    assert lora.base_model_name(run_dir / "model") == str(tiny_family_model("bert-word"))
+    assert_same_predictions(predict_file(run_dir / "model", dataset_dir, tmp_path / "p.jsonl"), run_dir)
+
+
+def test_lora_in_bf16_meets_its_fp32_head_through_autocast(tiny_family_model, dataset_dir: Path, tmp_path: Path) -> None:
+    """The base loads in bf16, the head stays fp32: the probe step too runs under training's autocast
+    (without it: "mat1 and mat2 must have the same dtype", first seen on an H200)."""
+    run_dir = train.main(run_args(tiny_family_model("bert-word"), dataset_dir, tmp_path / "out", *LORA, "--dtype", "bf16"))
+    assert utils.load_json(run_dir / "config.json")["environment"]["dtype"] == "bfloat16"
+    assert (run_dir / "test-metrics.json").is_file()
+
+
+# --- every decoder family: torchrun, save, predict --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torchrun_lora_runs(tiny_family_model, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """Every decoder family trained with LoRA by 2 processes (gloo), saving the adapter, in one torchrun launch."""
+    output_root = tmp_path_factory.mktemp("torchrun-lora")
+    models = [f"{family}={tiny_family_model(family)}" for family in DECODER_FAMILIES]
+    train_args = ["--dataset_dir", str(dataset_dir), *ONE_EPOCH, "--batch_size", "4", *LORA, "--save_model"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "tests" / "torchrun_families.py"), str(output_root), *models, "--", *train_args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    logs = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
+    return {family: (next((output_root / family).glob("*/*/*")), logs[family]) for family in DECODER_FAMILIES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(DECODER_FAMILIES))
+def test_decoder_family_with_lora_under_torchrun_alone_saved_and_merged(
+    family: str, torchrun_lora_runs, tiny_family_model, dataset_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = tiny_family_model(family)
+    assert type(AutoTokenizer.from_pretrained(model_dir)).__name__ in {DECODER_FAMILIES[family][1], "TokenizersBackend"}
+
+    # 2 processes: DDP over the adapters and the head only (the frozen base is no unused parameter).
+    run_dir, log = torchrun_lora_runs[family]
+    config = utils.load_json(run_dir / "config.json")
+    assert config["environment"]["world_size"] == 2 and config["num_trainable_params"] < config["num_params"]
+    assert "LoRA r=8" in log and "input: title + body as one text joined by '\\n'" in log and "frozen" not in log
+    # The adapter folder: adapters and head, the base model's name; predict.py puts them back on the base.
+    assert "model.safetensors" not in {p.name for p in (run_dir / "model").iterdir()}
+    assert lora.base_model_name(run_dir / "model") == str(model_dir)
+    assert_same_predictions(predict_file(run_dir / "model", dataset_dir, tmp_path / "adapter.jsonl"), run_dir)
+
+    # 1 process, gradient checkpointing, the adapters merged into a plain full model.
+    single = train.main(run_args(model_dir, dataset_dir, tmp_path / "single", *LORA, "--gradient_checkpointing", "--save_model", "--merge_lora"))
+    assert utils.load_json(single / "config.json")["environment"]["world_size"] == 1
+    saved = {p.name for p in (single / "model").iterdir()}
+    assert "model.safetensors" in saved and "adapter_config.json" not in saved
+    assert_same_predictions(predict_file(single / "model", dataset_dir, tmp_path / "merged.jsonl"), single)
+
+
+# --- sweep and aggregate ----------------------------------------------------------------------
+
+
+def test_sweep_preset_llm_brings_its_models_lrs_and_lora_options_which_the_user_overrides() -> None:
+    import sweep
+
+    args = sweep.Args().parse_args(["--preset", "llm", "--batch_size", "16"])
+    assert args.models == sweep.LLM_MODELS and "Qwen/Qwen2.5-0.5B-Instruct" in args.models and len(args.models) >= 5
+    assert args.lrs == [1e-4, 3e-4, 5e-4, 1e-3]
+    forwarded = train.Args().parse_args(args.extra_args)
+    assert (forwarded.lora_r, forwarded.batch_size, forwarded.epochs, forwarded.gradient_checkpointing) == (32, 16, 10, True)
+    assert sweep.Args().parse_args(["--preset", "llm", "--lrs", "2e-4"]).lrs == [2e-4]
+    plain = sweep.Args().parse_args([])
+    assert plain.lrs == [1e-5, 3e-5, 5e-5] and plain.extra_args == []
+
+
+def test_lora_flags_are_settings_and_the_trainable_count_is_a_fact() -> None:
+    import aggregate
+
+    config = {"model_name": "m", "lr": 1e-4, "lora_r": 8, "lora_alpha": 16.0, "merge_lora": True, "num_trainable_params": 10,
+              "runtime_options": list(train.RUNTIME_OPTIONS)}  # fmt: skip
+    setting = aggregate.setting_of(config)
+    assert setting["lora_r"] == 8 and setting["lora_alpha"] == 16.0
+    assert "merge_lora" not in setting and "num_trainable_params" not in setting
