@@ -722,7 +722,7 @@ def test_sigterm_to_the_sweep_command_stops_every_train_py_and_a_rerun_resumes_t
     out = capsys.readouterr().out
     assert plan(out) == (2, 0, 2) and "2 to run (2 of them resume a run from its checkpoint)" in out
     for run in runs_:
-        assert f" (resuming {run})  (log: " in out and re.search(rf"^resumed {re.escape(str(run))} from epoch \d of 8", out, re.MULTILINE)
+        assert f": resuming {run}\n" in out and re.search(rf"^resumed {re.escape(str(run))} from epoch \d of 8", out, re.MULTILINE)
         assert pd.read_csv(run / "log.csv")["epoch"].tolist() == list(range(9))  # each epoch once
     assert finished_runs(tmp_path / "outputs") == runs_ and len(pd.read_csv(tmp_path / "results" / "all.csv")) == 2
 
