@@ -12,9 +12,12 @@ train.py process (torchrun with --gpus_per_run above 1), so a crash, an out-of-m
 CUDA error ends that run only. Its output goes to its own log file,
 OUTPUT_ROOT/sweep-logs/<YYYY-MM-DD_HH-MM-SS>/<run>.log; the terminal shows one progress line.
 A combination that already has a finished run under OUTPUT_ROOT with the same settings (the
-process count included) is skipped: after an interruption, a failure or a cancelled Slurm array,
-run the same command again. At the end, aggregate.py writes RESULTS_DIR from every finished run
-under OUTPUT_ROOT; if any run failed, the failures are listed with their logs and the exit code is 1.
+process count included) is skipped, and one with an unfinished run that has a checkpoint resumes
+it (train.py --resume): after an interruption, a failure or a cancelled Slurm array, run the same
+command again. Ctrl-C or SIGTERM is passed on to every running train.py, which stops with its
+checkpoint; the sweep waits for them and exits with 130 or 143. At the end, aggregate.py writes
+RESULTS_DIR from every finished run under OUTPUT_ROOT; if any run failed, the failures are listed
+with their logs and the exit code is 1.
 
 Any number of sweep processes with the same grid share it (the same command in every task of a PBS
 or Grid Engine array, several Slurm jobs, ssh on several nodes): each claims a combination in
@@ -27,17 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import itertools
 import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,7 +59,9 @@ import claims
 import runs
 import train  # for train.py's command line only (its Args), which the sweep checks and forwards
 import utils
-from launch import TRAIN_PY, Launch, Slot, SlurmRun, command_line, run_logged, thread_slot, train_command
+from launch import (
+    RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, option_groups, run_logged, select_options, thread_slot, train_command,
+)  # fmt: skip
 from utils import InputError
 
 # The models of the reference's results table, in its order.
@@ -209,6 +216,8 @@ def check_forwarded(forwarded: Sequence[str], error: Callable[[str], Any]) -> No
         if not token.startswith("--"):
             continue  # a value; train.py's parser below says if it belongs to no option
         option = token.split("=", 1)[0]
+        if option == "--resume":
+            error("--resume is for one run (python src/train.py --resume RUN_DIR); the sweep resumes every unfinished run that has a checkpoint by itself")
         if option[2:] in AXES:
             error(f"{option} is set by the sweep for each run: use {AXES[option[2:]]} instead")
         if option not in options:
@@ -291,17 +300,6 @@ def resumable_run(output_root: Path, combination: Combination, key: frozenset[tu
     return max(found, key=lambda d: (d / "checkpoint.pt").stat().st_mtime, default=None)
 
 
-def option_groups(argv: Sequence[str]) -> list[list[str]]:
-    """Command-line tokens cut into options, each with its values: ["--a", "1", "--b=2"] -> [["--a", "1"], ["--b=2"]]."""
-    groups: list[list[str]] = []
-    for token in argv:
-        if token.startswith("--") or not groups:
-            groups.append([token])
-        else:
-            groups[-1].append(token)
-    return groups
-
-
 def resume_argv(run_dir: Path, forwarded: Sequence[str]) -> list[str] | None:
     """train.py's arguments to continue `run_dir`: --resume, and the forwarded options that are runtime
     options (its settings come from its config.json). None when this train.py has no --resume."""
@@ -311,6 +309,17 @@ def resume_argv(run_dir: Path, forwarded: Sequence[str]) -> list[str] | None:
     runtime = aggregate.not_setting_fields(config, repetitions=False) - set(aggregate.RUN_FACTS)
     kept = [g for g in option_groups(forwarded) if g[0].removeprefix("--").split("=", 1)[0] in runtime]
     return ["--resume", str(run_dir), *itertools.chain.from_iterable(kept)]
+
+
+def setting_id(config: dict[str, Any]) -> str:
+    """A combination's setting as text (JSON), by which a later sweep recognises the run in Slurm's queue."""
+    return utils.to_json(sorted(setting_key(config), key=lambda item: item[0]))
+
+
+def runtime_options(forwarded: Sequence[str]) -> list[str]:
+    """The forwarded options that do not change what a run learns (--device, --num_workers, ...): what
+    `train.py --resume` takes besides the run folder, whose config.json holds the settings."""
+    return select_options(forwarded, set(train.RUNTIME_OPTIONS))
 
 
 def combination_configs(
@@ -413,7 +422,8 @@ def progress_line(total: int, done: int, failed: int, running: int, elapsed: flo
 
 class Progress:
     """The progress line: rewritten in place on a terminal, else printed every `interval` seconds
-    and whenever a run ends. Messages (a run that ended) go on lines of their own above it."""
+    and whenever a run ends. Messages (a run that ended) go on lines of their own above it; the last
+    line states the final counts."""
 
     def __init__(self, total: int, stream: TextIO | None = None, interval: float = 60.0) -> None:
         self.total, self.done, self.failed, self.running = total, 0, 0, 0
@@ -421,6 +431,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.interval = interval
         self.start = self.last = time.monotonic()
+        self.shown: tuple[int, int, int] | None = None  # the counts of the last line printed (off a terminal)
 
     def line(self) -> str:
         return progress_line(self.total, self.done, self.failed, self.running, time.monotonic() - self.start)
@@ -430,7 +441,7 @@ class Progress:
             self.stream.write("\r\033[K" + self.line())
         elif force or time.monotonic() - self.last >= self.interval:
             self.stream.write(self.line() + "\n")
-            self.last = time.monotonic()
+            self.last, self.shown = time.monotonic(), (self.done, self.failed, self.running)
         self.stream.flush()
 
     def note(self, message: str) -> None:
@@ -441,12 +452,14 @@ class Progress:
     def ended(self, message: str, ok: bool) -> None:
         """A run ended: count it and say so."""
         self.done, self.failed = self.done + ok, self.failed + (not ok)
-        self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
-        self.show(force=True)
+        self.note(message)
 
     def close(self) -> None:
         if self.tty:
+            self.show()
             self.stream.write("\n")
+        elif self.shown != (self.done, self.failed, self.running):
+            self.show(force=True)
         self.stream.flush()
 
 
@@ -472,52 +485,123 @@ class RunsFailed(InputError):
 # --- the local runner ----------------------------------------------------------------------------
 
 
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class SignalRelay:
+    """While local runs execute: the first SIGINT, SIGTERM or SIGHUP starts no new run and is passed
+    on to every running train.py (each in its own process group, see launch.ProcessGroups), which
+    stops with its checkpoint; a second one kills them."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.reached = 0
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+        if len(self.received) == 1:
+            self.reached = RUNNING.stop(signum)
+        else:
+            RUNNING.kill()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SignalRelay]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
 def run_local(launches: list[Launch], slots: list[Slot], run: Runner, progress: Progress) -> list[Failure]:
     """Run `launches` at most len(slots) at a time, each in a free slot; return the failures.
 
-    A thread per slot waits on its train.py process; this thread keeps the progress line.
+    A thread per slot waits on its train.py process; this thread keeps the progress line. A signal
+    stops the sweep (see SignalRelay): it waits for the running runs, then raises utils.Interrupted.
     """
     free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
     for slot in slots:
         free.put(slot)
     lock = threading.Lock()
     started: dict[int, float] = {}
+    not_started: list[int] = []
+    RUNNING.reset()
 
     def work(index: int) -> int | None:
+        """The run's exit code, or None: run elsewhere (another sweep process holds its claim), or not
+        started because the sweep is stopping (then counted in not_started)."""
         slot = free.get()  # never blocks: as many threads as slots
-        with lock:
-            started[index] = time.monotonic()
-            progress.running += 1
         try:
-            return run(launches[index], slot)
-        finally:
             with lock:
-                progress.running -= 1
+                if RUNNING.stop_signal is not None:
+                    not_started.append(index)
+                    return None
+                started[index] = time.monotonic()
+                progress.running += 1
+            try:
+                return run(launches[index], slot)
+            except Stopping:
+                with lock:
+                    not_started.append(index)
+                return None
+            finally:
+                with lock:
+                    progress.running -= 1
+        finally:
             free.put(slot)
 
     failures: list[Failure] = []
+    stopped, told = 0, 0
     pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="sweep-run")
-    try:
-        futures: dict[Future[int | None], int] = {pool.submit(work, i): i for i in range(len(launches))}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=1.0 if progress.tty else 5.0, return_when=FIRST_COMPLETED)
-            for future in sorted(finished, key=futures.__getitem__):
-                index = futures[future]
-                launch, code = launches[index], future.result()
-                if code is None:  # another sweep process holds its claim: not a run of this process
-                    progress.total -= 1
-                    continue
-                seconds = time.monotonic() - started[index]
-                status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
-                progress.ended(f"[{index + 1}/{len(launches)}] {status} in {format_seconds(seconds)}: {launch.title}  (log: {launch.log_path})", code == 0)
-                if code != 0:
-                    failures.append(Failure(launch, describe_exit(code)))
-            progress.show()
-    finally:
-        # Ctrl-C or an error: start nothing more (the running train.py processes got the same Ctrl-C).
-        pool.shutdown(wait=True, cancel_futures=True)
-        progress.close()
+    with SignalRelay().installed() as relay:
+        try:
+            futures: dict[Future[int | None], int] = {pool.submit(work, i): i for i in range(len(launches))}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                if len(relay.received) > told:
+                    told = len(relay.received)
+                    name = signal_name(relay.received[-1])
+                    progress.note(
+                        f"sweep: got {name}: passed it on to the {relay.reached} running train.py run(s), which stop and keep their "
+                        f"checkpoints; waiting for them (a second signal kills them)"
+                        if told == 1 else f"sweep: got {name} again: killed the running train.py run(s)"
+                    )
+                for future in sorted(finished, key=futures.__getitem__):
+                    index = futures[future]
+                    launch, code = launches[index], future.result()
+                    if code is None:
+                        if index not in not_started:  # another sweep process holds its claim: not a run of this process
+                            progress.total -= 1
+                        continue
+                    seconds = format_seconds(time.monotonic() - started[index])
+                    if relay.received and code != 0:
+                        stopped += 1
+                        progress.note(f"[{index + 1}/{len(launches)}] stopped ({describe_exit(code)}) after {seconds}: {launch.title}  (log: {launch.log_path})")
+                        continue
+                    status = "done" if code == 0 else f"FAILED ({describe_exit(code)})"
+                    progress.ended(f"[{index + 1}/{len(launches)}] {status} in {seconds}: {launch.title}  (log: {launch.log_path})", code == 0)
+                    if code != 0:
+                        failures.append(Failure(launch, describe_exit(code)))
+                progress.show()
+        finally:
+            # An error here: start nothing more, and wait for the running runs.
+            pool.shutdown(wait=True, cancel_futures=True)
+            progress.close()
+    if relay.received:
+        raise utils.Interrupted(
+            relay.received[0],
+            f"{stopped} run(s) stopped, {len(not_started)} not started, no train.py left running; run the same command again to "
+            f"continue (a stopped run resumes from its last checkpoint)",
+        )
     return failures
 
 
@@ -658,6 +742,9 @@ def aggregate_lock(results_dir: Path) -> str:
 # --- the Slurm launcher (submitit) ---------------------------------------------------------------
 
 
+SIGNAL_DELAY_S = 90  # submitit's USR2 comes this long before a task's time limit (sbatch --signal USR2@90)
+
+
 def slurm_parameters(args: Args, gpus: bool, src_dir: Path = TRAIN_PY.parent) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters for the array: one task per run, its GPUs, time, partition and the rest."""
     parameters: dict[str, Any] = {
@@ -666,10 +753,15 @@ def slurm_parameters(args: Args, gpus: bool, src_dir: Path = TRAIN_PY.parent) ->
         "array_parallelism": args.slurm_array_parallelism,
         "ntasks_per_node": 1,
         "stderr_to_stdout": True,
+        "signal_delay_s": SIGNAL_DELAY_S,
         # The task unpickles SlurmRun, whose module imports train and utils from src/.
         "setup": [f"export PYTHONPATH={shlex.quote(str(src_dir))}${{PYTHONPATH:+:$PYTHONPATH}}"],
-        "additional_parameters": sbatch_options(args.slurm_option),
+        # Requeueable even where the cluster's default is not (JobRequeue=0): a preempted task, or one
+        # on a failed node, runs again and resumes its run.
+        "additional_parameters": {"requeue": True, **sbatch_options(args.slurm_option)},
     }
+    if "no-requeue" in parameters["additional_parameters"]:
+        del parameters["additional_parameters"]["requeue"]
     if args.slurm_partition:
         parameters["partition"] = args.slurm_partition
     if args.slurm_cpus_per_run:
@@ -679,21 +771,97 @@ def slurm_parameters(args: Args, gpus: bool, src_dir: Path = TRAIN_PY.parent) ->
     return parameters
 
 
+def require_slurm() -> None:
+    missing = [command for command in ("sbatch", "squeue") if shutil.which(command) is None]
+    if missing:
+        raise InputError(
+            f"--launcher slurm: no Slurm here ({' and '.join(missing)} not on PATH); run the sweep on a login node of "
+            f"the cluster, or without --launcher slurm to run it on this machine"
+        )
+
+
+# sbatch's refusals, by what they mention, and what usually fixes them.
+SBATCH_HINTS = [
+    (("gres", "generic resource"), "if the partition has no GPUs, pass --device cpu (the runs then ask Slurm for none); else choose a GPU partition with --slurm_partition (`sinfo -o '%P %G'` lists them)"),
+    (("account", "qos", "association"), "check --slurm_option account=... and qos=... (`sacctmgr show assoc user=$USER` lists yours)"),
+    (("partition",), "`sinfo -s` lists the partitions: pass one with --slurm_partition"),
+    (("time limit", "time specification"), "lower --slurm_time (minutes) to the partition's limit (`sinfo -o '%P %l'`)"),
+]
+
+
+def sbatch_error(stderr: str) -> str:
+    """sbatch's refusal in one line, with the likely fix."""
+    errors = [line.split("error:", 1)[1].strip().removeprefix("Batch job submission failed: ") for line in stderr.splitlines() if "error:" in line]
+    said = errors[0] if errors else (stderr.strip().splitlines() or ["no message"])[-1].strip()
+    lowered = " ".join(errors).lower() or said.lower()
+    hint = next((hint for words, hint in SBATCH_HINTS if any(word in lowered for word in words)), "check --slurm_partition and --slurm_option against `man sbatch`")
+    return f"sbatch refused the job: {said}; {hint}"
+
+
+def submit(args: Args, launches: list[Launch], folder: Path, gpus: bool) -> list[submitit.Job]:
+    """Submit the runs as one Slurm job array (submitit's map_array; a single run is a plain job)."""
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)  # 0: a time-out is not requeued, a preemption is
+    executor.update_parameters(**slurm_parameters(args, gpus))
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # submitit prints sbatch's refusal; it is said once, below
+            return executor.map_array(SlurmRun(SIGNAL_DELAY_S), launches)
+    except submitit.core.utils.FailedJobError as e:
+        raise InputError(sbatch_error(str(e) or said.getvalue())) from None
+
+
 ACTIVE_SLURM_STATES = frozenset(
     ["PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED"]
 )
+WAITING_AGAIN_STATES = frozenset(["PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"])
 
 
-def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
-    """State of each job or array task (JOBID or JOBID_TASK) still known to Slurm, or None if squeue did not answer.
+def queue_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]] | None:
+    """State and start time of each job or array task (JOBID or JOBID_TASK) still known to Slurm, or None
+    if squeue did not answer. A task that Slurm ran again (requeued) has a new start time.
 
     squeue, not sacct: it needs no accounting database, which small clusters often lack.
     """
     base_ids = sorted({job_id.split("_")[0] for job_id in job_ids})
-    result = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", "%i %T"], capture_output=True, text=True, check=False)
+    result = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", "%i %T %S"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return {} if "Invalid job id" in result.stderr else None  # a finished job is forgotten after MinJobAge
-    return dict(line.split(maxsplit=1) for line in result.stdout.splitlines() if " " in line)
+    return {parts[0]: (parts[1], parts[2] if len(parts) > 2 else "") for line in result.stdout.splitlines() if len(parts := line.split()) >= 2}
+
+
+@dataclass
+class Queued:
+    """A run that an earlier sweep submitted into the same OUTPUT_ROOT and that is still in Slurm's queue."""
+
+    job: submitit.Job
+    launch: Launch
+
+
+def queued_runs(output_root: Path) -> dict[str, Queued]:
+    """The runs of earlier sweeps into `output_root` still in Slurm's queue, by setting (Launch.setting).
+
+    squeue names each job's batch script, which submitit keeps in the sweep's log folder
+    (OUTPUT_ROOT/sweep-logs/<date_time>/slurm/); the task's pickled Launch there says which run it is.
+    """
+    result = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T %o"], capture_output=True, text=True, check=False)
+    logs = (output_root / "sweep-logs").resolve()
+    found: dict[str, Queued] = {}
+    for line in result.stdout.splitlines():
+        parts = line.split(maxsplit=2)
+        if len(parts) < 3 or parts[1] not in ACTIVE_SLURM_STATES:
+            continue
+        job_id, script = parts[0], Path(parts[2])
+        if not script.is_absolute() or script.parent.resolve().parent.parent != logs:
+            continue
+        job: submitit.Job = submitit.SlurmJob(folder=script.parent, job_id=job_id)
+        try:
+            delayed = pickle_load(job.paths.submitted_pickle)
+            launch = delayed.args[0]
+        except Exception:  # noqa: BLE001 (not a task of a sweep, or a file of another version)
+            continue
+        if isinstance(launch, Launch) and launch.setting:
+            found[launch.setting] = Queued(job, launch)
+    return found
 
 
 def task_outcome(job: submitit.Job, launch: Launch) -> Failure | None:
@@ -701,30 +869,47 @@ def task_outcome(job: submitit.Job, launch: Launch) -> Failure | None:
     if not job.paths.result_pickle.exists():
         return Failure(launch, f"stopped by Slurm before it ended (cancelled, or the node failed); Slurm log: {job.paths.stdout}")
     outcome, value = pickle_load(job.paths.result_pickle)
-    if outcome != "success":  # e.g. the time limit: submitit records the reason
+    if outcome != "success":  # e.g. the time limit: the last line of the error says why
         reason = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
+        reason = re.sub(r"^[\w.]+(Error|Stopped): ", "", reason)  # launch.TaskStopped: stopped by the Slurm time limit
         return Failure(launch, f"{reason}; Slurm log: {job.paths.stdout}")
     return None if value == 0 else Failure(launch, describe_exit(value))
 
 
 def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progress, poll_s: float = 5.0) -> list[Failure]:
-    """Wait until every task of the array has left Slurm's queue; return the failures."""
+    """Wait until every task has left Slurm's queue; return the failures.
+
+    A task that is pending, or requeued after a preemption, is waited for: only its result file or
+    its leaving the queue ends it.
+    """
     pending = set(range(len(jobs)))
+    started: dict[int, str] = {}  # the start time of each task seen running: a task seen waiting again, or started anew, was requeued
     failures: list[Failure] = []
     try:
         while pending:
             states = queue_states([jobs[i].job_id for i in pending])  # before the result files: a task writes its result, then leaves
             if states is not None:
+                ended, requeued = [], []
                 for index in sorted(pending):
-                    if not jobs[index].paths.result_pickle.exists() and states.get(jobs[index].job_id) in ACTIVE_SLURM_STATES:
+                    state, start = states.get(jobs[index].job_id, ("", ""))
+                    if not jobs[index].paths.result_pickle.exists() and state in ACTIVE_SLURM_STATES:
+                        if index in started and (state in WAITING_AGAIN_STATES or (state == "RUNNING" and start != started[index])):
+                            del started[index]
+                            requeued.append(index)
+                        if state == "RUNNING":
+                            started[index] = start
                         continue
                     pending.discard(index)
+                    ended.append(index)
+                progress.running = sum(states.get(jobs[i].job_id, ("",))[0] == "RUNNING" for i in pending)
+                for index in requeued:
+                    progress.note(f"[{index + 1}/{len(jobs)}] requeued by Slurm (preempted, or scontrol requeue); it resumes from its checkpoint: {launches[index].title}")
+                for index in ended:
                     failure = task_outcome(jobs[index], launches[index])
                     status = "done" if failure is None else f"FAILED ({failure.reason})"
                     progress.ended(f"[{index + 1}/{len(jobs)}] {status}: {launches[index].title}  (log: {launches[index].log_path})", failure is None)
                     if failure is not None:
                         failures.append(failure)
-                progress.running = sum(states.get(jobs[i].job_id) == "RUNNING" for i in pending)
             progress.show()
             if pending:
                 time.sleep(poll_s)
@@ -733,24 +918,47 @@ def wait_slurm(jobs: list[submitit.Job], launches: list[Launch], progress: Progr
     return failures
 
 
-def run_slurm(args: Args, launches: list[Launch], folder: Path, gpus: bool, progress: Progress) -> list[Failure] | None:
-    """Submit the runs as one Slurm job array (submitit's map_array) and wait for it; return the failures
-    (None with --no_wait). The sbatch script and the Slurm logs go to `folder`."""
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)  # 0: a time-out is not requeued, a preemption is
-    executor.update_parameters(**slurm_parameters(args, gpus))
-    print(f"sweep: submitting {len(launches)} runs as a Slurm job array ({args.gpus_per_run if gpus else 0} GPU(s) per run)", flush=True)
-    jobs = executor.map_array(SlurmRun(), launches)
-    array_job_id = jobs[0].job_id.split("_")[0]
-    print(f"sweep: Slurm job array {array_job_id} ({len(jobs)} tasks, at most {args.slurm_array_parallelism} at once)", flush=True)
+def base_job_ids(jobs: list[submitit.Job]) -> list[str]:
+    return sorted({job.job_id.split("_")[0] for job in jobs}, key=int)
+
+
+def describe_jobs(jobs: list[submitit.Job]) -> str:
+    """"Slurm job 12" (a single run is a plain job), "Slurm job array 12", or "Slurm jobs 12, 15"."""
+    ids = base_job_ids(jobs)
+    if len(ids) > 1:
+        return f"Slurm jobs {', '.join(ids)}"
+    return f"Slurm job array {ids[0]}" if "_" in jobs[0].job_id else f"Slurm job {ids[0]}"
+
+
+def run_slurm(args: Args, launches: list[Launch], queued: list[Queued], folder: Path, gpus: bool, progress: Progress) -> list[Failure] | None:
+    """Submit the runs as one Slurm job array and wait for it, and for the `queued` runs of earlier
+    sweeps; return the failures (None with --no_wait). The sbatch script and the Slurm logs go to `folder`."""
+    jobs, waited = [q.job for q in queued], [q.launch for q in queued]
+    if queued:
+        print(f"sweep: {len(queued)} run(s) still in Slurm's queue from an earlier sweep ({describe_jobs(jobs)}): waiting for them, not submitting them again", flush=True)
+    if launches:
+        print(f"sweep: submitting {len(launches)} run(s) ({args.gpus_per_run if gpus else 0} GPU(s) per run)", flush=True)
+        submitted = submit(args, launches, folder, gpus)
+        what = describe_jobs(submitted)
+        if len(submitted) == 1:
+            print(f"sweep: {what} (one run: a plain job, not an array)", flush=True)
+        else:
+            print(f"sweep: {what} ({len(submitted)} tasks, at most {args.slurm_array_parallelism} at once)", flush=True)
+        jobs, waited = jobs + submitted, waited + launches
+    every = describe_jobs(jobs)
     if args.no_wait:
         print(
-            f"sweep: not waiting (--no_wait). Follow it with `squeue -j {array_job_id}`; once it has left the queue, run this "
-            f"same command again: it submits only what did not finish, then aggregates (or run "
-            f"`python src/aggregate.py --input_dir {args.output_root} --output_dir {args.results_dir}`)",
+            f"sweep: not waiting (--no_wait). Follow it with `squeue -j {','.join(base_job_ids(jobs))}`; run this "
+            f"same command again to wait for it and aggregate (it submits only what is neither finished nor queued), or run "
+            f"`python src/aggregate.py --input_dir {args.output_root} --output_dir {args.results_dir}` once it has left the queue",
             flush=True,
         )
         return None
-    return wait_slurm(jobs, launches, progress)
+    try:
+        return wait_slurm(jobs, waited, progress)
+    except (KeyboardInterrupt, utils.Interrupted) as e:
+        signum = e.signum if isinstance(e, utils.Interrupted) else signal.SIGINT
+        raise utils.Interrupted(signum, f"{every} keeps running: run this same command again to wait for it and aggregate, or `scancel` it") from None
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -775,64 +983,106 @@ def aggregate_and_report(args: Args, failures: list[Failure], total: int, held: 
         raise RunsFailed(failures, total)
 
 
+def oversubscription(jobs: int, nproc: int, cores: int) -> str | None:
+    """A warning when more train.py processes run at once on CPUs than there are cores, saying what each gets."""
+    processes = jobs * nproc
+    if processes <= cores:
+        return None
+    return (
+        f"sweep: warning: --jobs {jobs} x {nproc} process(es) = {processes} train.py processes on {cores} CPU core(s): each "
+        f"gets 1 thread and about {cores / processes:.2g} of a core, so every run is slower; --jobs {max(1, cores // nproc)} "
+        f"gives each process a core of its own"
+    )
+
+
 def main(args: Args, run: Runner = run_logged) -> None:
-    """Run (or submit) the combinations not finished yet, then aggregate."""
+    """Run (or submit) the combinations not finished yet, resuming those with a checkpoint, then aggregate."""
     missing = [d for d in args.dataset_dirs if not d.is_dir()]
     if missing:
         raise InputError(
             f"dataset folder(s) not found: {', '.join(map(str, missing))}; run `poetry run python src/prepare.py` "
             f"first (with --num_folds 10 for datasets/livedoor/folds/0..9)"
         )
+    slurm = args.launcher == "slurm" and not args.dry_run
+    if slurm:
+        require_slurm()
 
     # What is done: every combination whose setting (process count included) has a finished run.
     combinations = [Combination(*c) for c in itertools.product(args.models, args.lrs, args.seeds, args.dataset_dirs)]
     done = finished_settings(args.output_root)
     configs = combination_configs(combinations, args.output_root, args.extra_args, world_size=args.gpus_per_run)
-    todo = [c for c, config in zip(combinations, configs) if setting_key(config) not in done]
-    config_of = dict(zip(combinations, configs))
+    todo = [(c, config) for c, config in zip(combinations, configs) if setting_key(config) not in done]
+    # What is on its way: a run that an earlier sweep submitted and that is still in Slurm's queue.
+    in_queue = queued_runs(args.output_root) if slurm else {}
+    queued = [in_queue[setting_id(config)] for _, config in todo if setting_id(config) in in_queue]
+    todo = [(c, config) for c, config in todo if setting_id(config) not in in_queue]
+
+    # Each run's output goes to its own log file, in a folder per sweep invocation. A combination with
+    # an unfinished run that has a checkpoint resumes it (its settings are in its config.json): on Slurm as
+    # planned here; locally when this process wins its claim (ClaimingRunner.resume), as things are then.
+    log_dir = args.output_root / "sweep-logs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    runtime = runtime_options(args.extra_args)
+    launches, resumes = [], {}
+    for i, (c, config) in enumerate(todo, start=1):
+        launch = Launch(str(c), c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i), runtime, setting_id(config))
+        run_dir = resumable_run(args.output_root, c, setting_key(config))
+        argv = resume_argv(run_dir, args.extra_args) if run_dir is not None else None
+        if argv is not None:
+            resumes[launch.title] = run_dir
+            if args.launcher == "slurm" or args.dry_run:
+                launch.argv = argv
+        launches.append(launch)
+
     shape = f"{len(args.models)} models x {len(args.lrs)} lrs x {len(args.seeds)} seeds x {len(args.dataset_dirs)} datasets"
     print(
-        f"sweep: {len(combinations)} combinations ({shape}), {len(combinations) - len(todo)} already done, "
-        f"{len(todo)} to run; outputs in {args.output_root}",
+        f"sweep: {len(combinations)} combinations ({shape}), {len(combinations) - len(todo) - len(queued)} already done, "
+        f"{len(todo)} to run" + (f" ({len(resumes)} of them resume a run from its checkpoint)" if resumes else "")
+        + (f", {len(queued)} still in Slurm's queue" if queued else "") + f"; outputs in {args.output_root}",
         flush=True,
-    )
+    )  # fmt: skip
     held = claims.Claims(args.output_root / CLAIMS_FOLDER, args.claim_timeout)
-    planned = {str(c): Planned(c, claim_name(c, config_of[c]), setting_key(config_of[c])) for c in todo}
+    planned = {str(c): Planned(c, claim_name(c, config), setting_key(config)) for c, config in todo}
     if args.launcher == "local":
         say_claimed(held, planned)
-
-    # Each run's output goes to its own log file, in a folder per sweep invocation.
-    log_dir = args.output_root / "sweep-logs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    launches = [
-        Launch(str(c), c.train_argv(args.output_root, args.extra_args), args.gpus_per_run, log_dir / c.log_name(i))
-        for i, c in enumerate(todo, start=1)
-    ]
     if args.dry_run:
         for i, launch in enumerate(launches, start=1):
-            print(f"[{i}/{len(launches)}] {launch.title}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
+            resuming = f" (resuming {resumes[launch.title]})" if launch.title in resumes else ""
+            print(f"[{i}/{len(launches)}] {launch.title}{resuming}\n  {command_line(train_command(launch.argv, launch.nproc))}", flush=True)
         return
 
     device = configs[0]["device"]
-    progress = Progress(len(launches))
+    progress = Progress(len(launches) + len(queued))
     with held:  # its heartbeat lasts until the aggregation is written
         running_elsewhere = 0
-        if not launches:
+        if not launches and not queued:
             failures: list[Failure] | None = []
-        elif args.launcher == "slurm":
+        elif slurm:
+            for title, run_dir in resumes.items():
+                print(f"sweep: {title}: resuming {run_dir}", flush=True)
             # The submitting machine may have no GPU: --device says what the runs need.
-            failures = run_slurm(args, launches, log_dir / "slurm", wants_gpus(device), progress)
+            failures = run_slurm(args, launches, queued, log_dir / "slurm", wants_gpus(device), progress)
             if failures is None:  # --no_wait
                 return
         else:
-            slots = local_slots(args, device, torch.cuda.device_count(), utils.available_cpus(), os.environ)
+            cores = utils.available_cpus()
+            slots = local_slots(args, device, torch.cuda.device_count(), cores, os.environ)
             print(f"sweep: {len(slots)} run(s) at once ({', '.join(dict.fromkeys(s.label for s in slots))}); logs in {log_dir}", flush=True)
+            if "CUDA_VISIBLE_DEVICES" not in slots[0].env and (warning := oversubscription(args.jobs, args.gpus_per_run, cores)):
+                print(warning, file=sys.stderr, flush=True)
             # Any number of sweep processes with this grid share it: each runs what it claims first.
             runner = ClaimingRunner(run, held, planned, args.output_root, args.extra_args)
             failures = run_claimed(launches, slots, runner, progress)
             running_elsewhere = report_claims(runner, len(launches))
 
-        aggregate_and_report(args, failures, len(launches), held, running_elsewhere)
+        aggregate_and_report(args, failures, len(launches) + len(queued), held, running_elsewhere)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """sweep.py's command line. Stopped by a signal (Ctrl-C, kill, a closed terminal), it ends in one line with
+    exit code 128 + the signal (130, 143, 129), never a traceback; while runs execute here, see SignalRelay."""
+    signal.signal(signal.SIGHUP, utils.raise_interrupted)
+    utils.run_cli(main, Args().parse_args(argv), catch_sigterm=True)
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, Args().parse_args())
+    cli()

@@ -19,7 +19,18 @@ sys.path.insert(0, str(BENCHMARKS))
 
 def test_every_benchmark_has_a_smoke_test() -> None:
     tested = {name.removeprefix("test_").removesuffix("_smoke") for name in globals() if name.startswith("test_bench_") and name.endswith("_smoke")}
-    assert tested == {path.stem for path in BENCHMARKS.glob("bench_*.py")} - {"bench_env"}
+    # A benchmark with a test file of its own (tests/test_bench_start.py) is tested there.
+    own_files = {path.stem.removeprefix("test_") for path in Path(__file__).parent.glob("test_bench_*.py")}
+    assert tested | own_files == {path.stem for path in BENCHMARKS.glob("bench_*.py")} - {"bench_env"}
+
+
+def test_bench_lora_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_lora
+
+    bench_lora.main(bench_lora.Args().parse_args(["--hidden_size", "32", "--num_layers", "1", "--batch_size", "2", "--seq_len", "16", "--steps", "2"]))
+    out = capsys.readouterr().out
+    assert re.search(r"^full +[\d,]+ .* 1\.00x$", out, re.MULTILINE) and re.search(r"^lora +[\d,]+ ", out, re.MULTILINE)
+    assert re.search(r"AdamW state, full / lora: [\d.]+x", out)
 
 
 def test_bench_checkpoint_smoke(capsys: pytest.CaptureFixture[str]) -> None:

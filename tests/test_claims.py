@@ -288,11 +288,13 @@ def test_a_claimed_run_resumes_its_checkpointed_folder(tiny_model_dir: Path, dat
         argvs.append(launch.argv)
         return 3
 
-    # This train.py has no --resume yet: the run starts again, and says why.
+    # A train.py without --resume (an older one): the run starts again, and says why.
+    monkeypatch.setattr(sweep, "train_options", lambda: {"--model_name"})
     with pytest.raises(sweep.RunsFailed):
         sweep.main(args, run=runner)
     assert argvs.pop()[:2] == ["--model_name", str(tiny_model_dir)]
     assert f"sweep: {combination}: {run_dir} has a checkpoint, but this train.py cannot resume; the run starts again" in capsys.readouterr().out
+    monkeypatch.undo()
 
     # A train.py with --resume continues the folder, with the forwarded runtime options only.
     args = sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--lrs", "5e-3", "--seeds", "1")

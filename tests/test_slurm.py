@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -146,13 +147,122 @@ def test_a_cancelled_array_is_reported_and_a_rerun_submits_only_what_is_missing(
     assert plan(capsys.readouterr().out) == (3, 2, 1)  # the cancelled run is the one still missing
 
 
-def test_no_wait_submits_and_returns(slurm_swept, tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+def test_no_wait_submits_and_returns_and_a_rerun_submits_nothing_twice(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
     comment = f"no-wait-test-{os.getpid()}"
-    args = slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, "--lrs", "1e-4", "--slurm_option", "begin=now+3600", f"comment={comment}", "--no_wait")
-    sweep.main(args)
+    argv = ["--lrs", "1e-4", "--slurm_option", "begin=now+3600", f"comment={comment}", "--no_wait"]
+    sweep.main(slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, *argv))
     out = capsys.readouterr().out
-    job = re.search(r"^sweep: Slurm job array (\d+) \(1 tasks", out, re.MULTILINE)
-    assert job and f"Follow it with `squeue -j {job.group(1)}`" in out and "run this same command again" in out
+    # One combination is submitted as a plain job, not an array: said so.
+    job = re.search(r"^sweep: Slurm job (\d+) \(one run: a plain job, not an array\)$", out, re.MULTILINE)
+    assert job and f"Follow it with `squeue -j {job.group(1)}`" in out and "run this same command again to wait for it" in out
+    assert "job array" not in out
     assert squeue(comment) == [job.group(1)]  # still queued: the sweep did not wait
-    subprocess.run(["scancel", job.group(1)], check=True)
+    try:
+        # A rerun while it is queued recognises its run there and submits nothing.
+        sweep.main(slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, *argv))
+        out = capsys.readouterr().out
+        assert plan(out) == (1, 0, 0) and ", 1 still in Slurm's queue;" in out
+        assert f"sweep: 1 run(s) still in Slurm's queue from an earlier sweep (Slurm job {job.group(1)}): waiting for them, not submitting them again" in out
+        assert "sweep: submitting" not in out
+        assert squeue(comment) == [job.group(1)]
+        # A rerun that waits for it, stopped by Ctrl-C: the job keeps running, and the sweep says so in one line.
+        timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(utils.Interrupted) as stopped:
+            sweep.main(slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, *argv[:-1]))
+        timer.join()
+        assert stopped.value.signum == signal.SIGINT
+        assert stopped.value.note == f"Slurm job {job.group(1)} keeps running: run this same command again to wait for it and aggregate, or `scancel` it"
+        assert squeue(comment) == [job.group(1)]
+        assert "sweep: submitting" not in capsys.readouterr().out
+        # Another setting of the same grid is not that run.
+        sweep.main(slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, *argv, "--epochs", "2"))
+        assert plan(capsys.readouterr().out) == (1, 0, 1) and len(squeue(comment)) == 2
+    finally:
+        subprocess.run(["scancel", *{i.split("_")[0] for i in squeue(comment)}], check=True)
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # The test cluster has no GPUs: --device auto asks Slurm for one per run.
+        (["--device", "auto"], "sbatch refused the job: Invalid generic resource (gres) specification; if the partition has no GPUs, pass --device cpu"),
+        (["--slurm_partition", "no-such-partition"], "sbatch refused the job: invalid partition specified: no-such-partition; `sinfo -s` lists the partitions"),
+    ],
+)
+def test_sbatch_refusals_are_one_line(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, argv: list[str], said: str, capsys) -> None:
+    with pytest.raises(utils.InputError) as e:
+        sweep.main(slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, *argv))
+    assert str(e.value).startswith(said) and "\n" not in str(e.value)
+    assert capsys.readouterr().err == ""  # sbatch's own lines are not printed on top
+
+
+def run_folder_of_task(output_root: Path, task: str) -> Path | None:
+    for config in output_root.glob("*/*/*/config.json"):
+        slurm = utils.load_json(config)["environment"]["slurm"]
+        if slurm.get("array_task_id") == task:
+            return config.parent
+    return None
+
+
+def state_of(task: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", task, "-o", "%T"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def test_requeued_tasks_resume_their_runs(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """While both tasks train: task 0 is requeued as a preemption does it (`scontrol requeue`: SIGTERM, back to
+    pending), task 1 gets a preemption notice (USR2 long before its time limit) and requeues itself. The sweep
+    waits, each task runs again and resumes its run folder, and the sweep ends with both runs finished, once each."""
+    comment = f"requeue-test-{os.getpid()}"
+    args = slurm_args(tmp_path, [str(tiny_model_dir)], dataset_dir, "--epochs", "12", "--slurm_option", f"comment={comment}")
+    outcome: list[BaseException | None] = []
+
+    def waiting_sweep() -> None:
+        try:
+            sweep.main(args)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001: handed to the test thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=waiting_sweep)
+    thread.start()
+    try:
+        # Once each run has the checkpoint of an epoch (and still trains).
+        deadline = time.monotonic() + 240
+        while None in (folders := [run_folder_of_task(tmp_path / "outputs", task) for task in "01"]) or not all(
+            (run / "checkpoint.pt").exists() for run in folders
+        ):
+            assert time.monotonic() < deadline and thread.is_alive(), "the tasks never wrote checkpoints"
+            time.sleep(0.2)
+        tasks = sorted(squeue(comment))
+        subprocess.run(["scontrol", "requeue", tasks[0]], check=True)
+        subprocess.run(["scancel", "--signal=USR2", tasks[1]], check=True)
+        # Slurm holds a requeued job for a couple of minutes (BeginTime): let them start again at once.
+        for task in tasks:
+            while state_of(task) != "PENDING":
+                assert time.monotonic() < deadline, f"{task} never went back to pending"
+                time.sleep(0.2)
+            subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+        thread.join(timeout=300)
+    finally:
+        if thread.is_alive():
+            subprocess.run(["scancel", *{i.split("_")[0] for i in squeue(comment)}], check=False)
+            thread.join(timeout=60)
+    assert outcome == [None]  # no failure: the sweep exits 0
+    out = capsys.readouterr().out
+    for index in (1, 2):
+        assert re.search(rf"^\[{index}/2\] requeued by Slurm \(preempted, or scontrol requeue\); it resumes from its checkpoint: ", out, re.MULTILINE)
+    progress_lines = re.findall(r"^sweep: \d+/2 done, .*$", out, re.MULTILINE)
+    assert progress_lines[-1].startswith("sweep: 2/2 done, 0 running, 0 failed, ")  # the last one states the final counts
+
+    runs = finished_runs(tmp_path / "outputs")
+    assert sorted(runs) == sorted(folders)  # each task finished the run folder it began
+    all_runs = pd.read_csv(tmp_path / "results" / "all.csv")
+    assert sorted(all_runs["run_dir"]) == sorted(map(str, runs)) and sorted(all_runs["lr"]) == sorted(map(float, TINY_LRS))
+    for run, log in zip(folders, sorted((tmp_path / "outputs" / "sweep-logs").glob("*/00[12]_*.log"))):
+        text = log.read_text(encoding="utf-8")
+        assert f"task requeued: resuming {run} from its checkpoint" in text
+        assert re.search(rf"^resumed {re.escape(str(run))} from epoch \d+ of 12", text, re.MULTILINE)  # train.py says so
+        epochs = pd.read_csv(run / "log.csv")["epoch"].tolist()
+        assert epochs == list(range(13))  # epochs 0-12, each once

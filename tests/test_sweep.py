@@ -6,14 +6,20 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+import launch
 import runs
 import sweep
 import train
@@ -384,8 +390,20 @@ def test_a_fixed_cuda_device_is_refused_with_gpu_slots() -> None:
         sweep.local_slots(args, "cuda:1", 2, cores=2, environ={})
 
 
-def test_a_forwarded_num_workers_wins() -> None:
-    assert sweep.thread_slot(cores=8, runs_at_once=1, nproc=1, forwarded=["--num_workers", "3"]).train_argv == []
+@pytest.mark.parametrize("forwarded", [["--num_workers", "3"], ["--num_workers=3"]])
+def test_a_forwarded_num_workers_wins(forwarded: list[str]) -> None:
+    assert sweep.thread_slot(cores=8, runs_at_once=1, nproc=1, forwarded=forwarded).train_argv == []
+    args = sweep.Args().parse_args(["--jobs", "2", *forwarded])
+    assert [slot.train_argv for slot in sweep.local_slots(args, "cpu", 0, cores=8, environ={})] == [[], []]
+    assert sweep.thread_slot(cores=8, runs_at_once=1, nproc=1, forwarded=["--num_workers_x=3"]).train_argv == ["--num_workers", "8"]
+
+
+def test_runtime_options_are_found_in_either_form() -> None:
+    """What a resumption passes on: the runtime options, written --flag value or --flag=value, with their values."""
+    forwarded = ["--epochs", "3", "--device=cpu", "--num_workers", "2", "--save_model", "--batch_size=8", "--eval_batch_size", "64"]
+    assert sweep.runtime_options(forwarded) == ["--device=cpu", "--num_workers", "2", "--save_model", "--eval_batch_size", "64"]
+    assert launch.option_groups(["--a", "1", "2", "--b=3", "--c"]) == [["--a", "1", "2"], ["--b=3"], ["--c"]]
+    assert launch.has_option(["--epochs=3"], "--epochs") and not launch.has_option(["--epochs_x", "3"], "--epochs")
 
 
 def test_several_gpus_per_run_are_launched_with_torchrun(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
@@ -420,6 +438,20 @@ def test_progress_is_rewritten_in_place_on_a_terminal() -> None:
     assert text.endswith("\n") and text.count("\n") == 2  # one line per ended run, then the final line
 
 
+def test_the_last_progress_line_states_the_final_counts() -> None:
+    """Off a terminal, the line printed when the last run ended may say 1 running: close() says how it ended."""
+    stream = io.StringIO()
+    progress = sweep.Progress(1, stream=stream, interval=3600)
+    progress.running = 1
+    progress.ended("[1/1] done: x", ok=True)
+    assert stream.getvalue().splitlines()[-1].startswith("sweep: 1/1 done, 1 running, 0 failed, ")
+    progress.running = 0
+    progress.close()
+    assert stream.getvalue().splitlines()[-1].startswith("sweep: 1/1 done, 0 running, 0 failed, ")
+    progress.close()  # nothing new to say: no second line
+    assert len(stream.getvalue().splitlines()) == 3
+
+
 def test_progress_prints_plain_periodic_lines_elsewhere() -> None:
     stream = io.StringIO()
     progress = sweep.Progress(2, stream=stream, interval=3600)
@@ -444,9 +476,13 @@ def test_slurm_options_become_submitit_parameters() -> None:
     assert {k: parameters[k] for k in ("partition", "time", "cpus_per_task", "array_parallelism", "gpus_per_node")} == {
         "partition": "gpu", "time": 90, "cpus_per_task": 8, "array_parallelism": 4, "gpus_per_node": 2,
     }  # fmt: skip
-    assert parameters["additional_parameters"] == {"account": "abc", "qos": "high", "constraint": "a100", "exclusive": True}
+    # Requeueable (a preempted task runs again and resumes), whatever the cluster's default.
+    assert parameters["additional_parameters"] == {"requeue": True, "account": "abc", "qos": "high", "constraint": "a100", "exclusive": True}
+    assert parameters["signal_delay_s"] == sweep.SIGNAL_DELAY_S == 90
     assert parameters["setup"] == ["export PYTHONPATH=/repo/src${PYTHONPATH:+:$PYTHONPATH}"]
     assert "gpus_per_node" not in sweep.slurm_parameters(args, gpus=False)  # --device cpu asks Slurm for no GPU
+    opted_out = sweep.Args().parse_args(["--launcher", "slurm", "--slurm_option", "no-requeue"])
+    assert sweep.slurm_parameters(opted_out, gpus=False)["additional_parameters"] == {"no-requeue": True}
 
 
 @pytest.mark.parametrize(
@@ -473,3 +509,290 @@ def test_config_records_the_slurm_job_of_a_run() -> None:
     assert runs.slurm_ids({"SLURM_JOB_ID": "12"}) == {"job_id": "12"}
     task = {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}
     assert runs.slurm_ids(task) == {"job_id": "15", "array_job_id": "12", "array_task_id": "3"}
+
+
+def test_more_processes_than_cores_are_warned_about(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    assert sweep.oversubscription(jobs=2, nproc=1, cores=2) is None
+    assert sweep.oversubscription(jobs=4, nproc=1, cores=2) == (
+        "sweep: warning: --jobs 4 x 1 process(es) = 4 train.py processes on 2 CPU core(s): each gets 1 thread and about "
+        "0.5 of a core, so every run is slower; --jobs 2 gives each process a core of its own"
+    )
+    assert "--jobs 1 gives" in sweep.oversubscription(jobs=2, nproc=2, cores=3)
+    # What the sweep prints before the runs: the share of each, then the warning.
+    monkeypatch.setattr(sweep.utils, "available_cpus", lambda: 1)
+    monkeypatch.setattr(sweep, "aggregate_and_report", lambda *a: None)
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--jobs", "2", "--device", "cpu"), run=lambda launch, slot: 0)
+    captured = capsys.readouterr()
+    assert "sweep: 2 run(s) at once (1 thread(s) per process); logs in " in captured.out
+    assert captured.err == sweep.oversubscription(jobs=2, nproc=1, cores=1) + "\n"
+
+
+# --- resuming unfinished runs ------------------------------------------------------------------------
+
+
+def make_unfinished(run: Path, copy: Path, checkpoint: bool) -> Path:
+    """A copy of a finished run as a run stopped before its end leaves it, with or without its checkpoint."""
+    shutil.copytree(run, copy)
+    (copy / "test-metrics.json").unlink()
+    if checkpoint:
+        (copy / "checkpoint.pt").write_bytes(b"a checkpoint")
+    return copy
+
+
+def test_an_unfinished_run_with_a_checkpoint_is_resumed(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    root, _ = swept
+    finished = finished_runs(root / "outputs")
+    configs = {run: utils.load_json(run / "config.json") for run in finished}
+    seed_1 = [run for run in finished if configs[run]["seed"] == 1]
+    resumable = make_unfinished(seed_1[0], tmp_path / "outputs" / seed_1[0].relative_to(root / "outputs"), checkpoint=True)
+    make_unfinished(seed_1[1], tmp_path / "outputs" / seed_1[1].relative_to(root / "outputs"), checkpoint=False)
+    lr = configs[seed_1[0]]["lr"]
+
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--num_workers=1", "--dry_run"), run=never)
+    out = capsys.readouterr().out
+    assert plan(out) == (2, 0, 2)
+    assert "2 to run (1 of them resume a run from its checkpoint)" in out
+    # Said in the run's title and command: only the runtime options go with --resume (the settings are in its config.json).
+    assert f"] {tiny_model_dir} lr={lr:g} seed=1 dataset={dataset_dir} (resuming {resumable})\n" in out
+    assert f"train.py --resume {resumable} --num_workers 1 --device cpu --tokenized_cache off --num_workers=1\n" in out
+    assert out.count("--resume") == 1  # the run without a checkpoint starts afresh
+    # A setting that differs (here --epochs) does not resume it.
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--seeds", "1", "--epochs", "2", "--dry_run"), run=never)
+    assert "--resume" not in capsys.readouterr().out
+
+
+def test_resume_is_not_an_option_of_the_sweep(capsys) -> None:
+    with pytest.raises(SystemExit):
+        sweep.Args().parse_args(["--resume=outputs/x"])
+    assert ": error: --resume is for one run (python src/train.py --resume RUN_DIR); the sweep resumes" in capsys.readouterr().err
+
+
+# --- Slurm without Slurm, and sbatch's refusals ---------------------------------------------------------
+
+
+def test_launcher_slurm_without_slurm_is_a_one_line_error(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no squeue
+    with pytest.raises(InputError) as e:
+        sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--launcher", "slurm"), run=never)
+    assert str(e.value) == (
+        "--launcher slurm: no Slurm here (sbatch and squeue not on PATH); run the sweep on a login node of the cluster, "
+        "or without --launcher slurm to run it on this machine"
+    )
+    sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--launcher", "slurm", "--dry_run"), run=never)  # a plan needs no Slurm
+
+
+@pytest.mark.parametrize(
+    ("stderr", "message"),
+    [
+        (
+            "sbatch: error: Invalid generic resource (gres) specification",
+            "sbatch refused the job: Invalid generic resource (gres) specification; if the partition has no GPUs, pass --device cpu",
+        ),
+        (
+            "sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: Invalid partition name specified",
+            "sbatch refused the job: invalid partition specified: gpu; `sinfo -s` lists the partitions: pass one with --slurm_partition",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+            "sbatch refused the job: Invalid account or account/partition combination specified; check --slurm_option account=",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+            "; lower --slurm_time (minutes) to the partition's limit",
+        ),
+        ("sbatch: error: Something new", "sbatch refused the job: Something new; check --slurm_partition and --slurm_option"),
+    ],
+)
+def test_sbatch_refusals_are_one_line_with_the_likely_fix(stderr: str, message: str) -> None:
+    said = sweep.sbatch_error(stderr)
+    assert "\n" not in said and message in said
+
+
+# --- signals: Ctrl-C and SIGTERM reach every run ----------------------------------------------------------
+
+# A stand-in for train.py that stops as train.py does on SIGINT (130) or SIGTERM (143), saying which.
+FAKE_RUN = """
+import pathlib, signal, sys, time
+said = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    with said.open("a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    sys.exit(128 + signum)
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, stop)
+said.with_suffix(".started").touch()
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_is_passed_on_to_every_run_and_stops_the_sweep(signum: int, tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """2 runs at once, each a real process in its own process group, and a third waiting for a slot."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN, encoding="utf-8")
+    pids = []
+
+    def fake_train(launch_: sweep.Launch, slot: sweep.Slot) -> int:
+        said = tmp_path / f"{launch_.log_path.stem}.said"
+        with sweep.RUNNING.started([sys.executable, str(script), str(said)]) as process:
+            pids.append(process.pid)
+            return process.wait()
+
+    def send_when_both_run() -> None:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*.started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)
+
+    sender = threading.Thread(target=send_when_both_run)
+    sender.start()
+    args = sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--lrs", "1e-3", "2e-3", "3e-3", "--seeds", "1", "--jobs", "2", "--device", "cpu")
+    with pytest.raises(utils.Interrupted) as e:
+        sweep.main(args, run=fake_train)
+    sender.join()
+    name = signal.Signals(signum).name
+    assert e.value.signum == signum
+    assert e.value.note.startswith("2 run(s) stopped, 1 not started, no train.py left running; run the same command again")
+    # Each run got the signal once, from the sweep (its own process group: not from the terminal), and is gone.
+    assert sorted(p.read_text() for p in tmp_path.glob("*.said")) == [f"{name}\n"] * 2
+    assert len(pids) == 2 and not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert all(os.getpgid(os.getpid()) != pid for pid in pids)
+    out = capsys.readouterr().out
+    assert f"running train.py run(s), which stop and keep their checkpoints; waiting for them" in out
+    assert out.count(f"] stopped (exit code {128 + signum}) after ") == 2
+    assert signal.getsignal(signal.SIGTERM) is not sweep.SignalRelay.handle  # the handlers are restored
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_the_command_line_says_how_it_was_stopped_in_one_line(signum: int, code: int, monkeypatch, capsys) -> None:
+    """Stopped outside the runs (planning, waiting for Slurm, aggregating): one line, 128 + the signal."""
+    monkeypatch.setattr(sweep, "main", lambda args, run=None: os.kill(os.getpid(), signum))
+    previous = {s: signal.getsignal(s) for s in sweep.STOP_SIGNALS}
+    try:
+        with pytest.raises(SystemExit) as e:
+            sweep.cli([])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert e.value.code == code
+    assert capsys.readouterr().err == f"interrupted by {signal.Signals(signum).name}\n"
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The pids of the processes whose command line mentions `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def test_sigterm_to_the_sweep_command_stops_every_train_py_and_a_rerun_resumes_them(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """End to end, as a scheduler's kill does it: SIGTERM to sweep.py alone, 2 real train.py runs at once;
+    then the same sweep again resumes both runs from their checkpoints."""
+    argv = [
+        "--models", str(tiny_model_dir), "--lrs", *LRS, "--seeds", "1", "--dataset_dirs", str(dataset_dir),
+        "--output_root", str(tmp_path / "outputs"), "--results_dir", str(tmp_path / "results"), *FORWARDED, "--epochs", "8", "--batch_size", "32", "--jobs", "2",
+    ]  # fmt: skip
+    process = subprocess.Popen([sys.executable, sweep.__file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Once both runs have finished an epoch (a checkpoint each), they are inside their training.
+        deadline = time.monotonic() + 240
+        while len(checkpoints := list((tmp_path / "outputs").glob("*/*/*/checkpoint.pt"))) < 2:
+            assert time.monotonic() < deadline and process.poll() is None, "the runs never reached their first checkpoint"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, (out, err)
+    assert "Traceback" not in out + err
+    assert "sweep: got SIGTERM: passed it on to the 2 running train.py run(s), which stop and keep their checkpoints; waiting for them" in out
+    assert out.count("] stopped (exit code 143) after ") == 2  # train.py's own exit on SIGTERM
+    assert err.splitlines()[-1].startswith("interrupted by SIGTERM: 2 run(s) stopped, 0 not started, no train.py left running; run the same command again")
+    assert processes_mentioning(str(tmp_path)) == []
+    runs_ = sorted(checkpoint.parent for checkpoint in checkpoints)
+
+    # The same sweep again resumes both, and says so.
+    sweep.main(sweep.Args().parse_args([*argv, "--jobs", "1"]), run=in_process)
+    out = capsys.readouterr().out
+    assert plan(out) == (2, 0, 2) and "2 to run (2 of them resume a run from its checkpoint)" in out
+    for run in runs_:
+        assert f": resuming {run}\n" in out and re.search(rf"^resumed {re.escape(str(run))} from epoch \d of 8", out, re.MULTILINE)
+        assert pd.read_csv(run / "log.csv")["epoch"].tolist() == list(range(9))  # each epoch once
+    assert finished_runs(tmp_path / "outputs") == runs_ and len(pd.read_csv(tmp_path / "results" / "all.csv")) == 2
+
+
+# --- a Slurm task's decisions (the task itself runs on the real cluster in test_slurm.py) ---------------
+
+
+@pytest.mark.parametrize(("said", "seconds"), [("1-02:03:04", 93784), ("2:03:04", 7384), ("3:04", 184), ("0:05", 5), ("INVALID", None), ("", None)])
+def test_the_time_left_is_read_from_squeue(said: str, seconds: int | None, monkeypatch) -> None:
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=said + "\n", stderr=""))
+    assert launch.slurm_seconds_left("12_3") == seconds
+
+
+@pytest.mark.parametrize(("left", "timed_out", "requeued"), [(150.0, True, False), (None, True, False), (3000.0, False, True)])
+def test_usr2_near_the_time_limit_is_a_time_out_and_earlier_a_preemption(left: float | None, timed_out: bool, requeued: bool, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(launch, "slurm_seconds_left", lambda job_id: left)
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, **k: calls.append(command))
+    signals = launch.TaskSignals("12_3", signal_delay_s=90)
+    signals.on_usr2(signal.SIGUSR2, None)
+    assert (signals.timed_out, signals.terminated) == (timed_out, False)
+    assert calls == ([["scontrol", "requeue", "12_3"]] if requeued else [])
+    signals.on_term(signal.SIGTERM, None)
+    assert signals.terminated
+
+
+def test_a_requeued_task_continues_the_run_its_log_names(tmp_path: Path, monkeypatch) -> None:
+    """A task that runs again after a requeue: the run folder named in its log is resumed, or left alone if finished."""
+    started = []
+    monkeypatch.setattr(launch, "run_logged", lambda launch_, slot, own_group: started.append((launch_.argv, own_group)) or 0)
+    monkeypatch.setenv("SLURM_JOB_ID", "15")
+    log = tmp_path / "001.log"
+    task = launch.Launch("x", ["--model_name", "m", "--epochs", "3", "--device", "cpu"], 1, log, runtime_argv=["--device", "cpu"])
+
+    assert launch.SlurmRun()(task) == 0  # a first attempt: a new run
+    assert started == [(task.argv, False)]
+    run = tmp_path / "outputs" / "run"  # as train.py leaves a run stopped after an epoch
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}", encoding="utf-8")
+    (run / "checkpoint.pt").write_bytes(b"a checkpoint")
+    log.write_text(f"# header\nrun folder: {run}\nepoch 1 ...\n", encoding="utf-8")
+    assert launch.SlurmRun()(task) == 0
+    assert started[-1] == (["--resume", str(run), "--device", "cpu"], False)
+    assert f"task requeued: resuming {run} from its checkpoint" in log.read_text(encoding="utf-8")
+    (run / "test-metrics.json").write_text("{}", encoding="utf-8")  # it finished before Slurm stopped the task
+    started.clear()
+    assert launch.SlurmRun()(task) == 0 and started == []
+    assert f"{run} is finished (by an earlier attempt of this task)" in log.read_text(encoding="utf-8")
+
+
+def test_a_task_stopped_by_slurm_leaves_no_result(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM (preemption, requeue, scancel): no result, so that the sweep waits; the time limit: a reported failure."""
+    log = tmp_path / "001.log"
+    task = launch.Launch("x", ["--epochs", "3"], 1, log)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR2)}
+
+    def stopped_by(handler: str):
+        def run_logged(launch_: launch.Launch, slot: launch.Slot, own_group: bool) -> int:
+            if handler == "on_usr2":
+                signal.raise_signal(signal.SIGUSR2)
+            signal.raise_signal(signal.SIGTERM)
+            return 143
+        return run_logged
+
+    monkeypatch.setattr(launch, "run_logged", stopped_by("on_term"))
+    with pytest.raises(SystemExit) as e:
+        launch.SlurmRun()(task)
+    assert e.value.code == 143  # SystemExit is no Exception: submitit writes no result
+    monkeypatch.setattr(launch, "run_logged", stopped_by("on_usr2"))
+    monkeypatch.setattr(launch, "slurm_seconds_left", lambda job_id: 60.0)
+    with pytest.raises(launch.TaskStopped, match=r"^stopped by the Slurm time limit \(raise --slurm_time\)$"):
+        launch.SlurmRun()(task)
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # the task's handlers are restored

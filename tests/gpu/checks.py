@@ -350,6 +350,20 @@ def check_resume(ctx: Context) -> str:
     return figure
 
 
+def check_llm_step(ctx: Context) -> str:
+    """A Qwen2.5-1.5B-shaped decoder from random weights with LoRA r 32 (tests/gpu/llm_step.py): peak memory and tokens/s."""
+    needs_cuda(ctx)
+    result = ctx.run([PYTHON, "tests/gpu/llm_step.py"], limit=240)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise CheckFailed(f"exit code {result.returncode}: {last_line(result.stdout)}")
+    r = json.loads(lines[-1].removeprefix("RESULT "))
+    return (
+        f"{r['params'] / 1e9:.2f} B params, {r['trainable'] / 1e6:.1f} M trainable; batch {r['batch']} x {r['seq_len']}, bf16, "
+        f"gradient checkpointing: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.1f} GiB, AdamW state {r['adamw_state_mib']:.0f} MiB"
+    )
+
+
 def check_model_only(ctx: Context) -> str:
     needs_cuda(ctx)
     result = ctx.run([PYTHON, "tests/gpu/workloads.py", "model_only", str(ctx.work)], limit=180)
@@ -406,6 +420,7 @@ CHECKS = [
     Check("sweep.py --jobs", check_sweep),
     Check("LoRA bf16", check_lora),
     Check("resume after SIGTERM", check_resume),
+    Check("LLM 1.5B LoRA step", check_llm_step, needs=()),
     Check("bert-base model-only", check_model_only),
     Check("bert-base full loop", check_full_loop, needs=("setup", "bert-base model-only")),
     Check("--compile", check_compile),
