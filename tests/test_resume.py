@@ -128,6 +128,25 @@ def test_checkpoint_keep_leaves_the_last_one_and_off_writes_none(make_train_args
     assert saved == [] and not (run_dir / runs.CHECKPOINT).exists()
 
 
+def test_the_checkpoint_leaves_out_frozen_weights_and_a_resumed_model_keeps_its_own(tmp_path: Path) -> None:
+    """Frozen weights (a LoRA base, LUKE's entity queries) never change: not saved, and not overwritten on resume."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = runs.checkpoint_state(1, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), 1, 0.5, {}, [], [])
+    assert set(state["model"]) == {"0.bias", "1.weight", "1.bias"}
+
+    resumed = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    resumed[0].weight.requires_grad_(False)
+    frozen = resumed[0].weight.detach().clone()
+    runs.load_trained_state(resumed, state["model"], tmp_path)
+    assert torch.equal(resumed[1].weight, model[1].weight) and torch.equal(resumed[0].weight, frozen)
+    with pytest.raises(InputError, match=r"checkpoint.pt does not fit this model \(3 weights, e.g. 1.weight\): was --model_name changed\?"):
+        runs.load_trained_state(torch.nn.Sequential(torch.nn.Linear(4, 4)), state["model"], tmp_path)
+
+
 def test_early_stopping_ends_before_the_checkpoint_of_its_last_epoch(make_train_args, tmp_path: Path) -> None:
     """A run resumed from the last checkpoint trains the stopping epoch again and stops there again, instead of going on."""
     run_dir = train.main(make_train_args(tmp_path, "--checkpoint", "keep", "--early_stopping_patience", "1"))

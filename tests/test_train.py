@@ -377,14 +377,17 @@ class RecordWarnings(logging.Handler):
 
 
 @pytest.fixture
-def transformers_warnings(monkeypatch: pytest.MonkeyPatch):
+def transformers_warnings():
     """transformers' warnings as a user without .envrc sees them (tests otherwise run with TRANSFORMERS_VERBOSITY=error)."""
     root = transformers.utils.logging.get_logger()
     handler = RecordWarnings()
-    monkeypatch.setattr(root, "level", logging.WARNING)
+    level = root.level
+    # setLevel, not the attribute: it clears the levels that loggers cached (a run earlier in the session cached ERROR).
+    root.setLevel(logging.WARNING)
     root.addHandler(handler)
     yield handler.messages
     root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def test_no_load_report_for_the_new_head(tiny_model_dir: Path, dataset_dir: Path, transformers_warnings: list[str], capsys) -> None:
