@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -276,19 +277,23 @@ def test_missing_dataset_folder_is_refused_before_any_run(tiny_model_dir: Path, 
         sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, *argv), run=never)
 
 
-
-
-def test_a_run_with_another_process_count_is_not_done(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
-    """A torchrun run (2 processes: twice the effective batch) does not stand for the 1-process combination."""
+def copied_run(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> tuple[Path, dict, Callable[..., int]]:
+    """A finished run of the swept grid copied into a fresh outputs folder, its config, and a dry run's count of done combinations."""
     root, _ = swept
     run = finished_runs(root / "outputs")[0]
     copy = tmp_path / "outputs" / run.relative_to(root / "outputs")
     shutil.copytree(run, copy)
-    config = utils.load_json(copy / "config.json")
 
     def count_done(*argv: str) -> int:
         sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, *argv, "--dry_run"), run=never)
         return plan(capsys.readouterr().out)[1]
+
+    return copy, utils.load_json(copy / "config.json"), count_done
+
+
+def test_a_run_with_another_process_count_is_not_done(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    """A torchrun run (2 processes: twice the effective batch) does not stand for the 1-process combination."""
+    copy, config, count_done = copied_run(swept, tiny_model_dir, dataset_dir, tmp_path, capsys)
 
     assert count_done() == 1
     utils.save_json({**config, "world_size": 2, "environment": {**config["environment"], "world_size": 2}}, copy / "config.json")
@@ -303,15 +308,7 @@ def test_a_run_with_another_process_count_is_not_done(swept: tuple[Path, str], t
 
 def test_a_run_with_another_truncation_is_not_done(swept: tuple[Path, str], tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:
     """--truncation and --head_tokens are settings; a run of a train.py that had no truncation modes kept the head."""
-    root, _ = swept
-    run = finished_runs(root / "outputs")[0]
-    copy = tmp_path / "outputs" / run.relative_to(root / "outputs")
-    shutil.copytree(run, copy)
-    config = utils.load_json(copy / "config.json")
-
-    def count_done(*argv: str) -> int:
-        sweep.main(sweep_args(tmp_path, tiny_model_dir, dataset_dir, *argv, "--dry_run"), run=never)
-        return plan(capsys.readouterr().out)[1]
+    copy, config, count_done = copied_run(swept, tiny_model_dir, dataset_dir, tmp_path, capsys)
 
     assert (config["truncation"], config["head_tokens"]) == ("head", None)
     assert (count_done(), count_done("--truncation", "head_tail")) == (1, 0)
