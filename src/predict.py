@@ -175,10 +175,9 @@ def tokenize(
     """Examples as train.py makes them (the same tokenization module, fast or slow path), numbered in input order."""
     if not rows:
         return []
-    encoder = tokenization.choose_encoder(tokenizer, slow)
+    encoder = tokenization.choose_encoder(tokenizer, slow, tokenization.text_separator(tokenizer, layout.text_fields))
     info(f"tokenizer: {encoder.description}")
-    texts = tokenization.texts_of(rows, layout.text_fields, tokenization.text_separator(tokenizer, layout.text_fields))
-    encoded = tokenization.encode_parallel(encoder, texts, layout, token_type_ids, num_workers)
+    encoded = tokenization.encode_parallel(encoder, tokenization.texts_of(rows, layout.text_fields), layout, token_type_ids, num_workers)
     info(tokenization.truncation_note(source, encoded.truncation_report(), layout))
     if encoded.cut_titles:
         info(tokenization.cut_titles_note(source, encoded.cut_titles, layout.text_fields, f"the model's max_seq_len {layout.max_seq_len}"))

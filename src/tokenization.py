@@ -181,17 +181,15 @@ def text_separator(tokenizer: PreTrainedTokenizerBase, text_fields: Sequence[str
 
     Their own pair encoding runs the texts together with nothing between (Qwen) or repeats the
     begin-of-text token (Llama 3). They read one text instead, the fields joined by a newline, as in
-    hppRC/llm-lora-classification's best template f"{title}\n{body}"; head truncation keeps its start,
-    so the body is cut and the title kept. None: a pair goes to the tokenizer as a pair
-    ([CLS] title [SEP] body [SEP] and the like).
+    hppRC/llm-lora-classification's best template f"{title}\n{body}" (the Encoder joins them: the
+    title and the body are still truncated apart, so every truncation mode keeps the title). None: a
+    pair goes to the tokenizer as a pair ([CLS] title [SEP] body [SEP] and the like).
     """
     return "\n" if len(text_fields) == 2 and tokenizer.sep_token is None else None
 
 
-def texts_of(rows: Sequence[dict], text_fields: Sequence[str], separator: str | None = None) -> list[list[str]]:
-    """The texts of each row: its text fields, or with a separator (text_separator) one text, the fields joined by it."""
-    if separator is not None:
-        return [[separator.join(row[name] for name in text_fields)] for row in rows]
+def texts_of(rows: Sequence[dict], text_fields: Sequence[str]) -> list[list[str]]:
+    """The texts of each row: its text fields, in order."""
     return [[row[name] for name in text_fields] for row in rows]
 
 
@@ -313,12 +311,18 @@ def room_for_text(special: SpecialTokens, max_seq_len: int) -> int:
 
 
 class Encoder:
-    """Rows of texts to Encoded: each text's ids (text_ids, by the subclass), then fit, then the special tokens."""
+    """Rows of texts to Encoded: each text's ids (text_ids, by the subclass), then fit, then the special tokens.
+
+    With a separator (text_separator), the texts become one: each but the last is encoded with the
+    separator after it, fit truncates them as it truncates a pair (the last text only, the title kept),
+    and the special tokens are those of one text.
+    """
 
     description: str
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, separator: str | None = None) -> None:
         self.tokenizer = tokenizer
+        self.separator = separator
         self.special: dict[int, SpecialTokens] = {}
 
     def text_ids(self, texts: list[str]) -> list[list[int]]:
@@ -326,20 +330,24 @@ class Encoder:
         raise NotImplementedError
 
     def special_tokens(self, num_texts: int) -> SpecialTokens:
-        if num_texts not in self.special:
-            self.special[num_texts] = learn_special_tokens(self.tokenizer, num_texts)
-        return self.special[num_texts]
+        """The special tokens around num_texts texts (around one, with a separator)."""
+        wrapped = 1 if self.separator is not None else num_texts
+        if wrapped not in self.special:
+            self.special[wrapped] = learn_special_tokens(self.tokenizer, wrapped)
+        return self.special[wrapped]
 
     def __call__(self, texts: Sequence[Sequence[str]], layout: InputLayout, token_type_ids: bool) -> Encoded:
         if not texts:
             return Encoded.from_lists([], [] if token_type_ids else None, [], 0)
-        special = self.special_tokens(len(texts[0]))
+        num_texts = len(texts[0])
+        special = self.special_tokens(num_texts)
         room = room_for_text(special, layout.max_seq_len)
-        columns = [self.text_ids([row[i] for row in texts]) for i in range(len(texts[0]))]
+        after = [self.separator or ""] * (num_texts - 1) + [""]  # the separator ends every text but the last
+        columns = [self.text_ids([row[i] + after[i] for row in texts]) for i in range(num_texts)]
         ids, types, dropped, cut_titles = [], [], [], 0
         for whole in zip(*columns):
             kept, cut_title = fit(whole, room, layout)
-            example_ids, example_types = special.wrap(kept)
+            example_ids, example_types = special.wrap(kept if self.separator is None else [list(chain.from_iterable(kept))])
             ids.append(example_ids)
             types.append(example_types)
             dropped.append(sum(map(len, whole)) - sum(map(len, kept)))
@@ -350,8 +358,8 @@ class Encoder:
 class SlowEncoder(Encoder):
     """The tokenizer as transformers runs it: each text through its own code (any tokenizer class)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, reason: str) -> None:
-        super().__init__(tokenizer)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, reason: str, separator: str | None = None) -> None:
+        super().__init__(tokenizer, separator)
         self.description = f"{type(tokenizer).__name__}'s own {'fast (Rust)' if tokenizer.is_fast else 'Python'} code ({reason})"
 
     def text_ids(self, texts: list[str]) -> list[list[int]]:
@@ -398,8 +406,8 @@ class MecabWordPieceEncoder(Encoder):
     - A text that contains a special token's text ([SEP], ...) is left to the tokenizer itself.
     """
 
-    def __init__(self, tokenizer: BertJapaneseTokenizer) -> None:
-        super().__init__(tokenizer)
+    def __init__(self, tokenizer: BertJapaneseTokenizer, separator: str | None = None) -> None:
+        super().__init__(tokenizer, separator)
         self.description = "fast path: MeCab words (fugashi, the tokenizer's own options) + WordPiece in Rust (tokenizers)"
         self._build()
 
@@ -421,10 +429,10 @@ class MecabWordPieceEncoder(Encoder):
         self.memo: dict[str, list[int]] = {}
 
     def __getstate__(self) -> dict:  # the tagger is not picklable: worker processes build their own
-        return {"tokenizer": self.tokenizer, "special": self.special}
+        return {"tokenizer": self.tokenizer, "separator": self.separator, "special": self.special}
 
     def __setstate__(self, state: dict) -> None:
-        self.tokenizer, self.special = state["tokenizer"], state["special"]
+        self.tokenizer, self.separator, self.special = state["tokenizer"], state["separator"], state["special"]
         self.description = ""
         self._build()
 
@@ -454,14 +462,14 @@ class MecabWordPieceEncoder(Encoder):
         ]
 
 
-def choose_encoder(tokenizer: PreTrainedTokenizerBase, slow: bool) -> Encoder:
-    """The fast MeCab + WordPiece path where it gives the tokenizer's own ids, else the tokenizer itself."""
+def choose_encoder(tokenizer: PreTrainedTokenizerBase, slow: bool, separator: str | None = None) -> Encoder:
+    """The fast MeCab + WordPiece path where it gives the tokenizer's own ids, else the tokenizer itself (separator: text_separator)."""
     if slow:
-        return SlowEncoder(tokenizer, "--slow_tokenizer")
+        return SlowEncoder(tokenizer, "--slow_tokenizer", separator)
     problem = fast_path_problem(tokenizer)
     if problem is not None:
-        return SlowEncoder(tokenizer, f"no fast MeCab + WordPiece path: {problem}")
-    return MecabWordPieceEncoder(tokenizer)
+        return SlowEncoder(tokenizer, f"no fast MeCab + WordPiece path: {problem}", separator)
+    return MecabWordPieceEncoder(tokenizer, separator)
 
 
 # --- worker processes -------------------------------------------------------------------------
@@ -728,26 +736,30 @@ def tokenize_splits(
     and each split's truncation report (printed).
 
     slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache;
-    separator: the text fields joined by it into one text (text_separator).
+    separator: the text fields read as one text, joined by it (text_separator).
     """
     start = time.perf_counter()
     sizes = {split: len(split_rows) for split, split_rows in rows.items()}
-    encoder = choose_encoder(tokenizer, slow)
+    encoder = choose_encoder(tokenizer, slow, separator)
     log(f"tokenizer: {encoder.description}")
     log(f"input: {layout.describe()}")
     if separator is not None:
-        log(f"input: {' + '.join(layout.text_fields)} as one text joined by {separator!r} (the tokenizer has no separator token)")
+        log(
+            f"input: {' + '.join(layout.text_fields)} as one text joined by {separator!r} (the tokenizer has no separator token); "
+            f"truncation cuts the {layout.text_fields[-1]} only"
+        )
 
     def encode_all() -> dict[str, Encoded]:
         log(f"tokenising in {tokenizer_workers(num_workers)} process(es) ...")
-        return {split: encode_parallel(encoder, texts_of(rows[split], layout.text_fields, separator), layout, token_type_ids, num_workers) for split in rows}
+        return {split: encode_parallel(encoder, texts_of(rows[split], layout.text_fields), layout, token_type_ids, num_workers) for split in rows}
 
     if cache_dir is None:
         encoded, status = encode_all(), "tokenised (cache off)"
     else:
         def key_of() -> dict:
             key = cache_key(tokenizer, encoder, files, layout, token_type_ids, memo_dir=cache_dir)
-            return key if separator is None else {**key, "separator": separator}  # absent for pairs: earlier entries stay valid
+            # Absent for pairs: earlier entries stay valid. (Named anew since the title is truncated apart from the body.)
+            return key if separator is None else {**key, "text_separator": separator}
         encoded, status = through_cache(cache_dir, key_of, sizes, encode_all, log)
     reports = {}
     for split, part in encoded.items():

@@ -108,17 +108,28 @@ def test_decoder_without_pad_token_pads_with_eos_and_pools_the_last_real_token(t
     assert tokenizer.pad_token == "<|endoftext|>" and model.config.pad_token_id == tokenizer.pad_token_id
 
 
-def test_decoders_read_title_and_body_as_one_text_joined_by_a_newline(tiny_family_model) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_family_model("llama"))
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoders_read_title_and_body_as_one_text_joined_by_a_newline_and_every_truncation_keeps_the_title(family: str, tiny_family_model) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family_model(family))
     assert tokenization.text_separator(tokenizer, ["title", "body"]) == "\n"
     assert tokenization.text_separator(tokenizer, ["body"]) is None
     assert tokenization.text_separator(AutoTokenizer.from_pretrained(tiny_family_model("bert-word")), ["title", "body"]) is None
-    rows = [{"title": "映画の話題", "body": "監督と俳優が主演した。" * 20}]
-    texts = tokenization.texts_of(rows, ["title", "body"], "\n")
-    assert texts == [["映画の話題\n" + rows[0]["body"]]]
-    encoded = tokenization.SlowEncoder(tokenizer, "test")(texts, tokenization.InputLayout(("text",), 16), False)
-    whole = tokenizer(texts[0][0])["input_ids"]
-    assert encoded.example(0)["input_ids"] == whole[:16] and whole[0] == tokenizer.bos_token_id  # the start kept: the body is cut
+    encoder = tokenization.SlowEncoder(tokenizer, "test", separator="\n")
+    title, body = "映画の話題", "監督と俳優が主演した。" * 20
+
+    def encode(body: str, **layout) -> list[int]:
+        return encoder([[title, body]], tokenization.InputLayout(("title", "body"), **layout), False).example(0)["input_ids"]
+
+    # What fits is the tokenizer's own encoding of the joined text, special tokens included (bos for Llama, none for Qwen).
+    assert encode("監督と俳優", max_seq_len=64) == tokenizer(f"{title}\n監督と俳優")["input_ids"]
+    whole = tokenizer(f"{title}\n{body}")["input_ids"]
+    assert encode(body, max_seq_len=16) == whole[:16]  # head: the start of the joined text
+    # tail and head_tail cut the body alone: the title and its newline stay, whatever the mode.
+    start = tokenizer(f"{title}\n")["input_ids"]
+    body_ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    room = 16 - len(start)
+    assert encode(body, max_seq_len=16, truncation="tail") == start + body_ids[-room:]
+    assert encode(body, max_seq_len=16, truncation="head_tail", head_tokens=2) == start + body_ids[:2] + body_ids[-(room - 2) :]
 
 
 # --- refusals ---------------------------------------------------------------------------------
