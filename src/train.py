@@ -218,6 +218,24 @@ def accumulate_gradients(
     return total
 
 
+def step_stats(window_loss: torch.Tensor, examples: int, tokens: int, world_size: int) -> torch.Tensor:
+    """[loss, examples, tokens] of one step, summed over the processes, left on the device (read_step reads it later)."""
+    counts = torch.tensor([examples, tokens], dtype=torch.float32).to(window_loss.device, non_blocking=True)  # staged: no sync
+    stats = torch.cat([window_loss.view(1), counts])
+    if world_size > 1:
+        dist.all_reduce(stats)
+    return stats
+
+
+def read_step(stats: torch.Tensor, totals: tuple[float, int, int], epoch: int, dtype: torch.dtype) -> tuple[float, int, int]:
+    """The epoch's running loss, examples and tokens with one more step; a non-finite loss ends the run (on every rank alike)."""
+    step_loss, step_examples, step_tokens = stats.tolist()  # waits for that step's backward only: the next step is queued already
+    if not math.isfinite(step_loss):
+        raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: {divergence_hint(dtype)}")
+    loss_sum, seen, tokens = totals
+    return loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
+
+
 def optimizer_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler, max_grad_norm: float,
@@ -361,7 +379,7 @@ def main(args: Args) -> Path:
 
         groups, decay_summary = param_groups(model, args.weight_decay)
         log(decay_summary)
-        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")  # fused: one kernel per step on a GPU
         steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
         scheduler = linear_schedule(optimizer, steps_per_epoch * args.num_warmup_epochs, steps_per_epoch * args.epochs)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling only for fp16
@@ -424,22 +442,22 @@ def main(args: Args) -> Path:
                 sampler.set_epoch(epoch)
                 start = time.perf_counter()
                 loss_sum, seen, tokens = 0.0, 0, 0
+                # Each step's loss is read once the next step is queued: reading it at once would stall the GPU every step.
+                pending: torch.Tensor | None = None
                 with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not utils.show_progress()) as progress:
                     for window in chunked(train_loader, args.gradient_accumulation_steps):
                         step_examples, step_tokens = window_counts(window)  # counted on the CPU: no device sync
                         window_loss = accumulate_gradients(train_model, window, step_examples, device, autocast, scaler, world_size, objective=objective)
-                        if world_size > 1:  # the loss, examples and tokens of this step over all processes
-                            stats = torch.cat([window_loss.view(1), torch.tensor([step_examples, step_tokens], dtype=torch.float32, device=device)])
-                            dist.all_reduce(stats)
-                            step_loss, step_examples, step_tokens = stats.tolist()
-                        else:
-                            step_loss = window_loss.item()  # the one device sync of a step
-                        if not math.isfinite(step_loss):
-                            raise TrainingError(f"the loss became {step_loss} in epoch {epoch}: {divergence_hint(dtype)}")
-                        loss_sum, seen, tokens = loss_sum + step_loss, seen + int(step_examples), tokens + int(step_tokens)
+                        stats = step_stats(window_loss, step_examples, step_tokens, world_size)
                         optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+                        if pending is not None:
+                            loss_sum, seen, tokens = read_step(pending, (loss_sum, seen, tokens), epoch, dtype)
+                            progress.update()
+                            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                        pending = stats
+                    if pending is not None:
+                        loss_sum, seen, tokens = read_step(pending, (loss_sum, seen, tokens), epoch, dtype)
                         progress.update()
-                        progress.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 train_seconds = time.perf_counter() - start
                 throughput = {"examples_per_s": seen / train_seconds, "tokens_per_s": tokens / train_seconds}
 

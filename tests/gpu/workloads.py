@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,14 +184,31 @@ def peak_flops(device_name: str) -> float | None:
     return next((peak * 1e12 for name, peak in PEAK_TFLOPS if name.lower() in device_name.lower()), None)
 
 
-def model_only(work_dir: Path, steps: int = 30, warmup: int = 5, device_name: str = "cuda", batch: int = BASE_BATCH, seq_len: int = BASE_SEQ_LEN) -> dict:
-    """bert-base training steps on random ids (bf16 autocast, fp32 loss), with fused AdamW and with AdamW's default (foreach), as train.py builds it.
+# Steps compared by model_only: (optimizer, train.py's own step functions, when the step's loss is read).
+STEP_KINDS = {
+    "fused": ("fused", False, None),  # the model alone: forward, backward, fused AdamW
+    "foreach": ("foreach", False, None),  # the same with AdamW's foreach kernels (train.py before fused)
+    "train_step_read_at_once": ("fused", True, "at once"),  # train.py's step (collate, pinned copy, clipping, schedule), loss read at once
+    "train_step": ("fused", True, "a step later"),  # train.py's step as its loop runs it: the loss read once the next step is queued
+}
 
-    The device, batch and length are parameters only so that the function can be tried on a CPU at a tiny size.
+
+def model_only(work_dir: Path, steps: int = 30, warmup: int = 5, device_name: str = "cuda", batch: int = BASE_BATCH, seq_len: int = BASE_SEQ_LEN) -> dict:
+    """bert-base training steps on random ids (bf16 autocast, fp32 loss), in the ways of STEP_KINDS: where the loop's time goes.
+
+    The model-only rates ("fused", "foreach") are what train.py's loop is measured against; the two
+    train_step rates add its data path and step functions (train.accumulate_gradients, optimizer_step,
+    step_stats, read_step) on the same random ids, so that the gap splits into the step itself and the
+    device sync of reading each loss at once. The device, batch and length are parameters only so that
+    the function can be tried on a CPU at a tiny size.
     """
     import torch
     import torch.nn.functional as F
+    from torch.utils.data import DataLoader
     from transformers import AutoModelForSequenceClassification
+
+    import data
+    import train
 
     paths = json.loads((work_dir / "setup.json").read_text(encoding="utf-8"))
     device = torch.device(device_name, 0) if device_name == "cuda" else torch.device(device_name)
@@ -198,46 +216,71 @@ def model_only(work_dir: Path, steps: int = 30, warmup: int = 5, device_name: st
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
     results: dict = {"device_name": name, "batch": batch, "seq_len": seq_len, "steps": steps}
-    for optimizer_kind in ("fused", "foreach"):
+    for kind, (optimizer_kind, train_steps, read) in STEP_KINDS.items():
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(paths["bert_base"], num_labels=9).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, **{optimizer_kind: True})
-        generator = torch.Generator(device=device).manual_seed(0)
-        batches = [
-            {
-                "input_ids": torch.randint(5, model.config.vocab_size, (batch, seq_len), device=device, generator=generator),
-                "token_type_ids": torch.zeros(batch, seq_len, dtype=torch.long, device=device),
-                "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device),
-                "labels": torch.randint(0, 9, (batch,), device=device, generator=generator),
-            }
-            for _ in range(4)
-        ]
+        generator = torch.Generator().manual_seed(0)
+        examples = [
+            {"input_ids": torch.randint(5, model.config.vocab_size, (seq_len,), generator=generator).tolist(), "token_type_ids": [0] * seq_len,
+             "label": i % 9, "index": i}
+            for i in range(4 * batch)
+        ]  # fmt: skip
+        pad = partial(data.collate, pad_token_id=0, num_labels=9)
+        if train_steps:  # from lists through train.py's collate and a pinned copy, as its DataLoader hands them over
+            loader = DataLoader(examples, batch_size=batch, collate_fn=pad, pin_memory=device.type == "cuda")
+            batches = lambda: iter(loader)  # noqa: E731
+        else:  # on the device already
+            resident = [{k: v.to(device) for k, v in pad(examples[i : i + batch]).items() if k != "index"} for i in range(0, len(examples), batch)]
+            batches = lambda: iter(resident)  # noqa: E731
+        autocast = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+        scheduler = train.linear_schedule(optimizer, 10, 10 * (steps + warmup))
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        pending = None
 
-        def step(batch: dict) -> None:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+        def step(window: dict) -> None:
+            nonlocal pending
+            if train_steps:
+                examples_in, tokens_in = train.window_counts([window])
+                loss = train.accumulate_gradients(model, [window], examples_in, device, autocast, scaler, 1)
+                stats = train.step_stats(loss, examples_in, tokens_in, 1)
+                if read == "at once":
+                    train.read_step(stats, (0.0, 0, 0), 1, torch.bfloat16)
+                train.optimizer_step(model, optimizer, scheduler, scaler, 1.0)
+                if read == "a step later" and pending is not None:
+                    train.read_step(pending, (0.0, 0, 0), 1, torch.bfloat16)
+                pending = stats
+                return
+            inputs = {k: v for k, v in window.items() if k != "labels"}
+            with autocast():
                 logits = model(**inputs).logits
-            F.cross_entropy(logits.float(), batch["labels"]).backward()
+            F.cross_entropy(logits.float(), window["labels"]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        for i in range(warmup):
-            step(batches[i % len(batches)])
+        def run(count: int) -> None:
+            done = 0
+            while done < count:
+                for window in batches():
+                    if done == count:
+                        break
+                    step(window)
+                    done += 1
+
+        run(warmup)
         synchronize(device)
         start = time.perf_counter()
-        for i in range(steps):
-            step(batches[i % len(batches)])
+        run(steps)
         synchronize(device)
         seconds = time.perf_counter() - start
-        tokens_per_s = steps * batch * seq_len / seconds
-        results[optimizer_kind] = {"tokens_per_s": tokens_per_s, "step_ms": seconds / steps * 1e3}
+        results[kind] = {"tokens_per_s": steps * batch * seq_len / seconds, "step_ms": seconds / steps * 1e3}
         results["flops_per_token"] = flops_per_token(model, seq_len)
-        del model, optimizer, batches
+        del model, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
     peak = peak_flops(name)
     results["peak_flops"] = peak
-    for kind in ("fused", "foreach"):
+    for kind in STEP_KINDS:
         results[kind]["mfu"] = results["flops_per_token"] * results[kind]["tokens_per_s"] / peak if peak else math.nan
     return results
 
