@@ -96,17 +96,19 @@ MODERN_MODELS = [
     "ku-nlp/deberta-v3-base-japanese",
 ]
 # Japanese-capable decoder LLMs from 0.5 to 8 B parameters, trained as classifiers with LoRA (README: the
-# memory each needs). Llama-architecture: llm-jp-3, sarashina2.2, Swallow; then Qwen2.5 and Gemma 2.
+# memory each needs, and the model card each name was checked against). Llama-architecture: sarashina2.2,
+# llm-jp-3, Swallow; then Qwen2.5, Qwen3 (119 languages), Gemma 3 (text-only 1B) and Gemma 2 (Japanese-tuned).
 LLM_MODELS = [
     "Qwen/Qwen2.5-0.5B-Instruct",
-    "Qwen/Qwen2.5-1.5B-Instruct",
+    "google/gemma-3-1b-it",
     "sbintuitions/sarashina2.2-1b",
+    "Qwen/Qwen3-1.7B",
     "llm-jp/llm-jp-3-1.8b",
     "google/gemma-2-2b-jpn-it",
     "sbintuitions/sarashina2.2-3b",
     "llm-jp/llm-jp-3-3.7b",
-    "Qwen/Qwen2.5-7B-Instruct",
     "tokyotech-llm/Llama-3.1-Swallow-8B-v0.5",
+    "Qwen/Qwen3-8B",
 ]
 PRESETS = {"reference": REFERENCE_MODELS, "modern": MODERN_MODELS, "llm": LLM_MODELS}
 # A preset's own learning rates and train.py options (used where --lrs or the option is not given).

@@ -1,8 +1,8 @@
 """LoRA (src/lora.py) on encoders and decoder LLMs, and decoders as sequence classifiers.
 
-Tiny random decoders of four families (tests/tiny_models.DECODER_FAMILIES: Llama, Qwen2, Mistral,
-Gemma 2), each with a byte-level BPE tokenizer and no pad token where the hub's has none, and a LoRA
-BERT. Per family: 2 processes under torchrun saving the adapter (one launch for all), predict.py on
+Tiny random decoders of six families (tests/tiny_models.DECODER_FAMILIES: Llama, Qwen2, Mistral,
+Gemma 2, Qwen3, Gemma 3), each with a BPE tokenizer with the hub's special tokens (no pad token where
+the hub's has none), and a LoRA BERT. Per family: 2 processes under torchrun saving the adapter (one launch for all), predict.py on
 that adapter, and one process with gradient checkpointing saving a merged model, predict.py on it.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import data
 import lora
@@ -52,6 +52,18 @@ def assert_same_predictions(predictions: list[dict], run_dir: Path) -> None:
     assert [p["pred_id"] for p in predictions] == [p["pred"] for p in run_predictions]
     for ours, theirs in zip(predictions, run_predictions):
         assert list(ours["probs"].values()) == pytest.approx(theirs["probs"], abs=1e-4)
+
+
+def assert_padded_row_is_read_at_its_last_real_token(tokenizer, model) -> None:
+    """A short text padded (on the right, as data.collate pads) beside a long one gets the logits it gets alone."""
+    model.eval()
+    short, long = tokenizer("映画の話題")["input_ids"], tokenizer("監督と俳優が主演した映画の話題です。")["input_ids"]
+    batch = data.collate([{"input_ids": ids, "label": 0, "index": i} for i, ids in enumerate((short, long))], tokenizer.pad_token_id)
+    assert len(short) < len(long) and batch["input_ids"][0, -1] == tokenizer.pad_token_id  # right padding
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = model(input_ids=torch.tensor([short])).logits
+    torch.testing.assert_close(padded[0], alone[0])
 
 
 # --- which layers, which parameters ----------------------------------------------------------
@@ -94,21 +106,28 @@ def test_decoder_without_pad_token_pads_with_eos_and_pools_the_last_real_token(t
     tokenizer, model = modeling.load_model(str(tiny_family_model("llama")), LABEL2ID)
     assert tokenizer.pad_token == tokenizer.eos_token == "<|end_of_text|>" and model.config.pad_token_id == tokenizer.eos_token_id
     assert "padding: the tokenizer has no pad token; its end-of-text token '<|end_of_text|>'" in capsys.readouterr().out
-    model.eval()
-    short, long = tokenizer("映画の話題")["input_ids"], tokenizer("監督と俳優が主演した映画の話題です。")["input_ids"]
-    batch = data.collate([{"input_ids": ids, "label": 0, "index": i} for i, ids in enumerate((short, long))], tokenizer.pad_token_id)
-    assert batch["input_ids"][0, -1] == tokenizer.pad_token_id  # right padding
-    with torch.no_grad():
-        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        alone = model(input_ids=torch.tensor([short])).logits
-    torch.testing.assert_close(padded[0], alone[0])  # the padded row is read at its last real token
+    assert_padded_row_is_read_at_its_last_real_token(tokenizer, model)
 
     # Qwen's tokenizer has a pad token already; its config has no pad_token_id until the model is loaded here.
     tokenizer, model = modeling.load_model(str(tiny_family_model("qwen2")), LABEL2ID)
     assert tokenizer.pad_token == "<|endoftext|>" and model.config.pad_token_id == tokenizer.pad_token_id
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize(("family", "pad", "config_pad"), [("qwen3", "<|endoftext|>", None), ("gemma3", "<pad>", 0)])
+def test_decoder_with_a_pad_token_of_its_own_keeps_it_and_pools_the_last_real_token(
+    family: str, pad: str, config_pad: int | None, tiny_family_model, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Qwen3's <|endoftext|> and Gemma 3's <pad> are not their end-of-text token (<|im_end|>, <eos>): they pad as they are,
+    and the model's config gets their id (Qwen's checkpoint has none, Gemma's has it already)."""
+    model_dir = tiny_family_model(family)
+    assert AutoConfig.from_pretrained(model_dir).pad_token_id == config_pad
+    tokenizer, model = modeling.load_model(str(model_dir), LABEL2ID)
+    assert tokenizer.pad_token == pad and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id and "padding:" not in capsys.readouterr().out
+    assert_padded_row_is_read_at_its_last_real_token(tokenizer, model)
+
+
+@pytest.mark.parametrize("family", list(DECODER_FAMILIES))
 def test_decoders_read_title_and_body_as_one_text_joined_by_a_newline_and_every_truncation_keeps_the_title(family: str, tiny_family_model) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_family_model(family))
     assert tokenization.text_separator(tokenizer, ["title", "body"]) == "\n"

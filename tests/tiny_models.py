@@ -208,17 +208,18 @@ def build_deberta_v2(texts: list[str], output_dir: Path, hidden_size: int, num_l
 # --- decoder LLMs (sequence classification by the last real token) ----------------------------
 
 
-def bpe_tokenizer(texts: list[str], output_dir: Path, bos: str | None, eos: str, tokenizer_class: str) -> Any:
-    """A byte-level BPE tokenizer.json trained on the texts, with no pad token (as Llama's, Mistral's, Gemma's).
+def bpe_tokenizer(texts: list[str], output_dir: Path, bos: str | None, eos: str, tokenizer_class: str, pad: str | None = None) -> Any:
+    """A byte-level BPE tokenizer.json trained on the texts, with the special tokens of the hub's tokenizer.
 
-    Qwen2Tokenizer gives itself <|endoftext|> as pad token, as Qwen's hub tokenizers have; the model's
-    config has no pad_token_id all the same (train.py sets it from the tokenizer). With `bos`, every text starts with it (Llama, Mistral, Gemma); without, nothing is added (Qwen).
+    With `bos`, every text starts with it (Llama, Mistral, Gemma); without, nothing is added (Qwen).
+    `pad` where the hub's tokenizer names one (Qwen's <|endoftext|>, Gemma 3's <pad>): it comes first in
+    the vocabulary (id 0), as Gemma's does. None: no pad token (Llama's, Mistral's); train.py pads with eos.
     tokenizer_config.json names the hub's tokenizer class; transformers 5 loads every one of them from tokenizer.json.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer
 
-    specials = [token for token in (bos, eos) if token]
+    specials = list(dict.fromkeys(token for token in (pad, bos, eos) if token))
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -232,11 +233,46 @@ def bpe_tokenizer(texts: list[str], output_dir: Path, bos: str | None, eos: str,
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     backend.save(str(output_dir / "tokenizer.json"))
     tokenizer_config = {"tokenizer_class": tokenizer_class, "eos_token": eos, "model_max_length": LONG_CONTEXT, "add_bos_token": bool(bos)}
-    if bos:
-        tokenizer_config["bos_token"] = bos
+    for name, token in (("bos_token", bos), ("pad_token", pad)):
+        if token:
+            tokenizer_config[name] = token
     (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    assert tokenizer.sep_token is None and tokenizer.pad_token in (None, "<|endoftext|>" if tokenizer_class == "Qwen2Tokenizer" else None)
+    assert tokenizer.sep_token is None and tokenizer.pad_token == pad, (tokenizer.sep_token, tokenizer.pad_token)
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def gemma_tokenizer(texts: list[str], output_dir: Path) -> Any:
+    """Gemma's tokenizer: GemmaTokenizer over a SentencePiece-style BPE (spaces as ▁, unknown characters as
+    <0xXX> bytes), <pad> <eos> <bos> <unk> <mask> at ids 0-4 as in google/gemma-3-1b-it, and <bos> before every text.
+
+    transformers 5 rebuilds GemmaTokenizer from the vocabulary and merges of tokenizer.json with its own
+    normalizer and pre-tokenizer, so the vocabulary is trained on the same ▁-joined pieces.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # training only: pieces do not cross words
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials))
+    backend.add_tokens([f"<0x{byte:02X}>" for byte in range(256)])  # the byte pieces SentencePiece's byte fallback uses
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+    tokenizer_json = json.loads(backend.to_str())
+    for token in tokenizer_json["added_tokens"]:
+        if not token["special"]:
+            tokenizer_json["model"]["vocab"][token["content"]] = token["id"]  # plain vocabulary entries, not added tokens
+    tokenizer_json["added_tokens"] = [token for token in tokenizer_json["added_tokens"] if token["special"]]
+    (output_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
+    tokenizer_config = {
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "mask_token": "<mask>", "add_bos_token": True, "add_eos_token": False, "model_max_length": LONG_CONTEXT,
+    }  # fmt: skip
+    (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id] == [0, 1, 2] and tokenizer.sep_token is None
     tokenizer.save_pretrained(output_dir)
     return tokenizer
 
@@ -250,7 +286,8 @@ def decoder_sizes(hidden_size: int, num_layers: int) -> dict[str, int]:
 
 
 def save_decoder(config_class: Any, model_class: Any, tokenizer: Any, output_dir: Path, seed: int, **config: Any) -> Path:
-    """A causal LM with random weights, as the hub publishes decoders (the *ForCausalLM checkpoint, no pad_token_id)."""
+    """A causal LM with random weights, as the hub publishes decoders: the *ForCausalLM checkpoint, with no
+    pad_token_id unless passed (the hub's Gemma 3 config has one; train.py sets it from the tokenizer for the others)."""
     config = config_class(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config)
     return save_base_model(model_class, config, output_dir, seed)
 
@@ -267,7 +304,7 @@ def build_qwen2(texts: list[str], output_dir: Path, hidden_size: int, num_layers
     """Qwen/Qwen2.5-*: no begin-of-text token, <|endoftext|> ends a text; tied embeddings (the small Qwen models)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = bpe_tokenizer(texts, output_dir, None, "<|endoftext|>", "Qwen2Tokenizer")
+    tokenizer = bpe_tokenizer(texts, output_dir, None, "<|endoftext|>", "Qwen2Tokenizer", pad="<|endoftext|>")
     return save_decoder(Qwen2Config, Qwen2ForCausalLM, tokenizer, output_dir, seed, tie_word_embeddings=True, **decoder_sizes(hidden_size, num_layers))
 
 
@@ -285,6 +322,30 @@ def build_gemma2(texts: list[str], output_dir: Path, hidden_size: int, num_layer
 
     tokenizer = bpe_tokenizer(texts, output_dir, "<bos>", "<eos>", "PreTrainedTokenizerFast")
     return save_decoder(Gemma2Config, Gemma2ForCausalLM, tokenizer, output_dir, seed, head_dim=16, sliding_window=64, **decoder_sizes(hidden_size, num_layers))
+
+
+def build_qwen3(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """Qwen/Qwen3-*: as Qwen2.5 (no begin-of-text token, pad <|endoftext|>), but the post-trained models end a text
+    with <|im_end|>, so pad and eos differ; RMS norms on queries and keys, head_dim set apart from hidden_size / heads."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = bpe_tokenizer(texts, output_dir, None, "<|im_end|>", "Qwen2Tokenizer", pad="<|endoftext|>")
+    return save_decoder(
+        Qwen3Config, Qwen3ForCausalLM, tokenizer, output_dir, seed, head_dim=8, tie_word_embeddings=True, **decoder_sizes(hidden_size, num_layers)
+    )
+
+
+def build_gemma3(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """google/gemma-3-1b-it (model_type gemma3_text): GemmaTokenizer with <bos> first and a <pad> of its own (id 0,
+    not eos), which the config names; local (sliding-window) and global attention layers, here one of each."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = gemma_tokenizer(texts, output_dir)
+    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    return save_decoder(
+        Gemma3TextConfig, Gemma3ForCausalLM, tokenizer, output_dir, seed, pad_token_id=tokenizer.pad_token_id, head_dim=16,
+        query_pre_attn_scalar=16, sliding_window=16, layer_types=layer_types, **decoder_sizes(hidden_size, num_layers),
+    )  # fmt: skip
 
 
 Builder = Callable[[list[str], Path, int, int, int], Path]
@@ -307,6 +368,8 @@ DECODER_FAMILIES: dict[str, tuple[Builder, str, str]] = {
     "qwen2": (build_qwen2, "Qwen2Tokenizer", "Qwen/Qwen2.5-0.5B-Instruct"),
     "mistral": (build_mistral, "PreTrainedTokenizerFast", "mistralai/Mistral-7B-v0.3"),
     "gemma2": (build_gemma2, "PreTrainedTokenizerFast", "google/gemma-2-2b-jpn-it"),
+    "qwen3": (build_qwen3, "Qwen2Tokenizer", "Qwen/Qwen3-1.7B, Qwen/Qwen3-4B, Qwen/Qwen3-8B"),
+    "gemma3": (build_gemma3, "GemmaTokenizer", "google/gemma-3-1b-it"),
 }
 
 
@@ -325,7 +388,7 @@ def build_tiny_model(family: str, texts: list[str], output_dir: Path, hidden_siz
 
 
 class Args(Tap):
-    family: str  # one of FAMILIES (bert-word, bert-char, mbert, xlm-roberta, luke, mluke, modernbert, deberta-v2) or DECODER_FAMILIES (llama, qwen2, mistral, gemma2)
+    family: str  # one of FAMILIES (bert-word, bert-char, mbert, xlm-roberta, luke, mluke, modernbert, deberta-v2) or DECODER_FAMILIES (llama, qwen2, mistral, gemma2, qwen3, gemma3)
     dataset_dir: Path = Path("datasets/livedoor")  # a prepared dataset; its train.jsonl gives the vocabulary
     output_dir: Path  # where the model and tokenizer are saved
     hidden_size: int = 32  # width of the model (base models: 768)
