@@ -113,8 +113,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel)
 
     Batches are padded on the right (data.collate) with the attention mask; the decoders'
     sequence-classification heads pool the last token that is not pad_token_id, so the config must
-    know it. The tokenizers here add no end-of-text token to an input, so the pad id never stands
-    inside a text. A tokenizer with neither is refused: a new token would need a new, untrained embedding.
+    know it (and the text config, where a multimodal model has one of its own). The tokenizers here add
+    no end-of-text token to an input, so the pad id never stands inside a text. A tokenizer with neither is refused: a new token would need a new, untrained embedding.
     Returns the line that says what was done, or None when nothing was needed.
     """
     note = None
@@ -123,8 +123,11 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel)
             raise InputError(f"{type(tokenizer).__name__} has neither a pad token nor an end-of-text token to pad with: add one to its tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
         note = f"padding: the tokenizer has no pad token; its end-of-text token {tokenizer.eos_token!r} (id {tokenizer.pad_token_id}) pads"
-    if model.config.pad_token_id != tokenizer.pad_token_id:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # Older heads read the model's config, GenericForSequenceClassification its text config: a multimodal model's
+    # (Gemma 3's text_config) is another object, and its top-level config may have no pad_token_id at all.
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "pad_token_id", None) != tokenizer.pad_token_id:
+            config.pad_token_id = tokenizer.pad_token_id
     return note
 
 

@@ -1,13 +1,14 @@
 """LoRA (src/lora.py) on encoders and decoder LLMs, and decoders as sequence classifiers.
 
-Tiny random decoders of six families (tests/tiny_models.DECODER_FAMILIES: Llama, Qwen2, Mistral,
-Gemma 2, Qwen3, Gemma 3), each with a BPE tokenizer with the hub's special tokens (no pad token where
+Tiny random decoders of seven families (tests/tiny_models.DECODER_FAMILIES: Llama, Qwen2, Mistral,
+Gemma 2, Qwen3, Gemma 3 text-only and Gemma 3 with its vision tower), each with a BPE tokenizer with the hub's special tokens (no pad token where
 the hub's has none), and a LoRA BERT. Per family: 2 processes under torchrun saving the adapter (one launch for all), predict.py on
 that adapter, and one process with gradient checkpointing saving a merged model, predict.py on it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,6 +125,25 @@ def test_decoder_with_a_pad_token_of_its_own_keeps_it_and_pools_the_last_real_to
     tokenizer, model = modeling.load_model(str(model_dir), LABEL2ID)
     assert tokenizer.pad_token == pad and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.config.pad_token_id == tokenizer.pad_token_id and "padding:" not in capsys.readouterr().out
+    assert_padded_row_is_read_at_its_last_real_token(tokenizer, model)
+
+
+def test_multimodal_gemma3_gets_the_pad_id_in_its_text_config_and_pools_the_last_real_token(tiny_family_model, tmp_path: Path) -> None:
+    """Gemma3ForSequenceClassification reads text_config.pad_token_id (its top-level config has none): a checkpoint whose
+    text config names no pad token gets the tokenizer's <pad> there, so a right-padded row is read at its last real token."""
+    source = tiny_family_model("gemma3-vision")
+    model_dir = tmp_path / "gemma3-vision-no-pad"
+    model_dir.mkdir()
+    for path in source.iterdir():
+        if path.name != "config.json":
+            (model_dir / path.name).symlink_to(path)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    config["text_config"]["pad_token_id"] = None
+    (model_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert AutoConfig.from_pretrained(model_dir).text_config.pad_token_id is None
+    tokenizer, model = modeling.load_model(str(model_dir), LABEL2ID)
+    text_config = model.config.get_text_config()
+    assert text_config is not model.config and tokenizer.pad_token == "<pad>" and text_config.pad_token_id == tokenizer.pad_token_id == 0
     assert_padded_row_is_read_at_its_last_real_token(tokenizer, model)
 
 

@@ -243,9 +243,15 @@ def bpe_tokenizer(texts: list[str], output_dir: Path, bos: str | None, eos: str,
     return tokenizer
 
 
-def gemma_tokenizer(texts: list[str], output_dir: Path) -> Any:
+# Gemma 3's image tokens (google/gemma-3-4b-it's tokenizer names them boi_token, eoi_token and image_token).
+GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
+def gemma_tokenizer(texts: list[str], output_dir: Path, image_tokens: bool = False) -> Any:
     """Gemma's tokenizer: GemmaTokenizer over a SentencePiece-style BPE (spaces as ▁, unknown characters as
     <0xXX> bytes), <pad> <eos> <bos> <unk> <mask> at ids 0-4 as in google/gemma-3-1b-it, and <bos> before every text.
+    With `image_tokens`, the multimodal models' begin-of-image, end-of-image and image placeholder tokens too (special
+    tokens at the end of the vocabulary, named in tokenizer_config.json as the hub's are).
 
     transformers 5 rebuilds GemmaTokenizer from the vocabulary and merges of tokenizer.json with its own
     normalizer and pre-tokenizer, so the vocabulary is trained on the same ▁-joined pieces.
@@ -259,6 +265,8 @@ def gemma_tokenizer(texts: list[str], output_dir: Path) -> Any:
     backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # training only: pieces do not cross words
     backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials))
     backend.add_tokens([f"<0x{byte:02X}>" for byte in range(256)])  # the byte pieces SentencePiece's byte fallback uses
+    if image_tokens:
+        backend.add_special_tokens(list(GEMMA3_IMAGE_TOKENS.values()))
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
     tokenizer_json = json.loads(backend.to_str())
     for token in tokenizer_json["added_tokens"]:
@@ -270,6 +278,8 @@ def gemma_tokenizer(texts: list[str], output_dir: Path) -> Any:
         "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
         "mask_token": "<mask>", "add_bos_token": True, "add_eos_token": False, "model_max_length": LONG_CONTEXT,
     }  # fmt: skip
+    if image_tokens:
+        tokenizer_config["extra_special_tokens"] = GEMMA3_IMAGE_TOKENS
     (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id] == [0, 1, 2] and tokenizer.sep_token is None
@@ -348,6 +358,31 @@ def build_gemma3(texts: list[str], output_dir: Path, hidden_size: int, num_layer
     )  # fmt: skip
 
 
+def build_gemma3_vision(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
+    """google/gemma-3-4b-it, 12b-it, 27b-it (model_type gemma3): a SigLIP vision tower, a projector and the Gemma 3
+    language model, saved as Gemma3ForConditionalGeneration as the hub publishes them; the tokenizer of gemma3 plus
+    the image tokens the config names. pad_token_id lives in text_config, which is what the classifier reads."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    tokenizer = gemma_tokenizer(texts, output_dir, image_tokens=True)
+    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    text_config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=16, layer_types=layer_types, **decoder_sizes(hidden_size, num_layers),
+    )  # fmt: skip
+    # 16x16 images in 4x4 patches, pooled to 2x2 = 4 tokens an image (the hub's: 896 / 14 = 64 patches a side, 256 tokens).
+    vision_config = SiglipVisionConfig(
+        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers, num_attention_heads=2,
+        image_size=16, patch_size=4, vision_use_head=False,
+    )  # fmt: skip
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3_IMAGE_TOKENS.items()}
+    config = Gemma3Config(
+        text_config=text_config, vision_config=vision_config, mm_tokens_per_image=4,
+        boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"],
+    )  # fmt: skip
+    return save_base_model(Gemma3ForConditionalGeneration, config, output_dir, seed)
+
+
 Builder = Callable[[list[str], Path, int, int, int], Path]
 
 # Family name -> (builder, tokenizer class the folder loads with, the hub models it stands for).
@@ -370,6 +405,7 @@ DECODER_FAMILIES: dict[str, tuple[Builder, str, str]] = {
     "gemma2": (build_gemma2, "PreTrainedTokenizerFast", "google/gemma-2-2b-jpn-it"),
     "qwen3": (build_qwen3, "Qwen2Tokenizer", "Qwen/Qwen3-1.7B, Qwen/Qwen3-4B, Qwen/Qwen3-8B"),
     "gemma3": (build_gemma3, "GemmaTokenizer", "google/gemma-3-1b-it"),
+    "gemma3-vision": (build_gemma3_vision, "GemmaTokenizer", "google/gemma-3-4b-it, google/gemma-3-12b-it, google/gemma-3-27b-it"),
 }
 
 
@@ -388,7 +424,7 @@ def build_tiny_model(family: str, texts: list[str], output_dir: Path, hidden_siz
 
 
 class Args(Tap):
-    family: str  # one of FAMILIES (bert-word, bert-char, mbert, xlm-roberta, luke, mluke, modernbert, deberta-v2) or DECODER_FAMILIES (llama, qwen2, mistral, gemma2, qwen3, gemma3)
+    family: str  # one of FAMILIES (bert-word, bert-char, mbert, xlm-roberta, luke, mluke, modernbert, deberta-v2) or DECODER_FAMILIES (llama, qwen2, mistral, gemma2, qwen3, gemma3, gemma3-vision)
     dataset_dir: Path = Path("datasets/livedoor")  # a prepared dataset; its train.jsonl gives the vocabulary
     output_dir: Path  # where the model and tokenizer are saved
     hidden_size: int = 32  # width of the model (base models: 768)
