@@ -2,8 +2,10 @@
 
 - Which layers get adapters is a structural rule, printed by train.py: every nn.Linear inside the
   repeated blocks of the base model (the ModuleLists of transformer layers: attention and MLP
-  projections), never the embeddings, BERT's pooler or the classification head. --lora_target_modules
-  overrides it with name suffixes (q_proj v_proj, or query value), matched anywhere in the base model.
+  projections) that the text reaches, never the embeddings, BERT's pooler or the classification head.
+  A multimodal model (Gemma 3 4B-27B: a SigLIP vision tower beside its language model) has its text
+  model's blocks adapted, not its vision tower's, which text input never reaches (text_model).
+  --lora_target_modules overrides it with name suffixes (q_proj v_proj, or query value), matched anywhere in the base model.
 - The classification head (every module of the model outside its base model: score, classifier,
   ModernBERT's head, ...) is trained in full and saved with the adapter (peft's modules_to_save).
 - Trainable parameters (adapters and head) are kept in fp32 whatever the base model's dtype: the
@@ -56,10 +58,34 @@ def head_modules(model: PreTrainedModel) -> list[str]:
     ]  # fmt: skip
 
 
+def text_model(model: PreTrainedModel, block_layers: Sequence[str]) -> str:
+    """Full name of the part of the model that reads the text: the smallest module around the token embeddings
+    (get_input_embeddings) that holds some of BLOCK_LAYERS (the Linear layers of the blocks).
+
+    The base model itself for a text-only model (BERT's embeddings and encoder are siblings in it; Llama's
+    embed_tokens and layers too); a multimodal model's language model (Gemma 3's model.language_model), whose
+    siblings (the vision tower) text input never reaches. The base model where the embeddings cannot be found.
+    """
+    prefix = model.base_model_prefix
+    try:
+        embeddings = model.get_input_embeddings()
+    except NotImplementedError:
+        return prefix
+    name = next((name for name, module in model.named_modules() if module is embeddings), "")
+    parts = name.split(".")[:-1]
+    while name.startswith(f"{prefix}.") and len(parts) > 1:  # up from the embeddings' parent, never above the base model
+        candidate = ".".join(parts)
+        if any(layer.startswith(f"{candidate}.") for layer in block_layers):
+            return candidate
+        parts.pop()
+    return prefix
+
+
 def target_layers(model: PreTrainedModel, names: Sequence[str] = ()) -> list[str]:
     """Full names of the layers that get adapters.
 
-    Default: every nn.Linear inside a ModuleList of the base model (attention and MLP of each block).
+    Default: every nn.Linear inside a ModuleList of the base model (attention and MLP of each block),
+    within its text model (text_model: all of the base model but a multimodal model's other encoders).
     NAMES: layers of the base model (Linear or Embedding, what LoRA can adapt) whose name is one of
     these or ends with `.name`; a name that matches nothing is an InputError listing what exists.
     """
@@ -71,6 +97,8 @@ def target_layers(model: PreTrainedModel, names: Sequence[str] = ()) -> list[str
     if not names:
         blocks = tuple(f"{prefix}." for prefix in block_prefixes(model))
         chosen = [name for name, module in layers.items() if isinstance(module, torch.nn.Linear) and name.startswith(blocks)]
+        reader = text_model(model, chosen)
+        chosen = [name for name in chosen if name.startswith(f"{reader}.")]
         if not chosen:
             raise InputError(
                 f"{type(model).__name__}: no Linear layer inside a stack of transformer blocks: pass --lora_target_modules "
@@ -97,6 +125,7 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> tuple[torch.nn
     from peft import LoraConfig, get_peft_model  # imported here: full fine-tuning never needs peft
 
     targets = target_layers(model, settings.target_modules)
+    reader = text_model(model, targets)
     heads = head_modules(model)
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -115,6 +144,8 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> tuple[torch.nn
             p.data = p.data.float()  # trainable weights in full precision (the optimizer's master copy)
     peft_model.peft_config["default"].base_model_name_or_path = name_or_path
     rule = ", ".join(settings.target_modules) if settings.target_modules else "the Linear layers of its transformer blocks"
+    if not settings.target_modules and reader != model.base_model_prefix:
+        rule += f" in {reader}, its text model"  # said where other parts (a vision tower) get none
     summary = (
         f"LoRA r={settings.r} alpha={settings.alpha:g} dropout={settings.dropout:g} on {len(targets)} layers ({rule}: "
         f"{', '.join(leaf_names(targets))}); trained in full: {', '.join(heads)}"

@@ -26,7 +26,7 @@ import tokenization
 import train
 import utils
 from conftest import TINY_TRAINING
-from tiny_models import DECODER_FAMILIES
+from tiny_models import DECODER_FAMILIES, FAMILIES
 from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +89,37 @@ def test_adapters_go_on_the_linear_layers_of_the_blocks_and_the_head_is_trained_
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     count, total, line = lora.trainable_share(model)
     assert count == sum(p.numel() for p in model.parameters() if p.requires_grad) and line.startswith(f"trainable parameters: {count:,} of {total:,} (")
+
+
+def linear_layers_of_the_stacks(model) -> list[str]:
+    """The rule as it was before multimodal models: every Linear inside a ModuleList of the base model."""
+    stacks = [name for name, module in model.base_model.named_modules() if isinstance(module, torch.nn.ModuleList)]
+    return [
+        f"{model.base_model_prefix}.{name}" for name, module in model.base_model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name.startswith(f"{stack}.") for stack in stacks)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *DECODER_FAMILIES])
+def test_adapters_go_on_the_blocks_the_text_reaches_in_every_family(family: str, tiny_family_model) -> None:
+    """Text-only models: every Linear of their stacks of blocks. Multimodal Gemma 3: its language model's only,
+    not its vision tower's, which text never reaches (the probe step would freeze those adapters)."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_family_model(family), num_labels=9)
+    targets, stacks = lora.target_layers(model), linear_layers_of_the_stacks(model)
+    if family != "gemma3-vision":
+        assert targets == stacks and lora.text_model(model, targets) == model.base_model_prefix
+        return
+    assert lora.text_model(model, targets) == "model.language_model"
+    assert targets == [name for name in stacks if name.startswith("model.language_model.layers.")] and len(targets) == 2 * 7
+    assert any(name.startswith("model.vision_tower.") for name in stacks)  # what the rule leaves out
+    peft_model, summary = lora.apply_lora(model, lora.LoraSettings(r=4))
+    assert "on 14 layers (the Linear layers of its transformer blocks in model.language_model, its text model: q_proj," in summary
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and not any("vision_tower" in name or "multi_modal_projector" in name for name in trainable)
+    # Every adapter gets a gradient from text alone: nothing for the probe step (modeling.freeze_unreachable) to freeze.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family_model(family))
+    batch = data.collate([{"input_ids": tokenizer("映画の話題")["input_ids"], "label": 0, "index": 0}] * 2, tokenizer.pad_token_id)
+    assert modeling.freeze_unreachable(peft_model, batch, torch.device("cpu")) == []
 
 
 def test_target_modules_override_and_a_name_that_matches_nothing(tiny_family_model) -> None:
