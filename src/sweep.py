@@ -97,7 +97,8 @@ MODERN_MODELS = [
 ]
 # Japanese-capable decoder LLMs from 0.5 to 8 B parameters, trained as classifiers with LoRA (README: the
 # memory each needs, and the model card each name was checked against). Llama-architecture: sarashina2.2,
-# llm-jp-3, Swallow; then Qwen2.5, Qwen3 (119 languages), Gemma 3 (text-only 1B) and Gemma 2 (Japanese-tuned).
+# llm-jp-3, Swallow; then Qwen2.5, Qwen3 (119 languages), Gemma 3 (text-only 1B; 4B with a vision tower that
+# text-only classification leaves unused) and Gemma 2 (Japanese-tuned).
 LLM_MODELS = [
     "Qwen/Qwen2.5-0.5B-Instruct",
     "google/gemma-3-1b-it",
@@ -107,6 +108,7 @@ LLM_MODELS = [
     "google/gemma-2-2b-jpn-it",
     "sbintuitions/sarashina2.2-3b",
     "llm-jp/llm-jp-3-3.7b",
+    "google/gemma-3-4b-it",
     "tokyotech-llm/Llama-3.1-Swallow-8B-v0.5",
     "Qwen/Qwen3-8B",
 ]
