@@ -456,6 +456,19 @@ def test_diverging_loss_stops_the_run(make_train_args, tmp_path: Path) -> None:
     assert not (run_dir / "test-metrics.json").exists()
 
 
+def test_each_step_loss_is_read_once_the_next_step_is_queued(make_train_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a loss waits for the device: read before the next step is queued, it would leave a GPU idle at every step."""
+    events: list[str] = []
+    optimizer_step, read_step = train.optimizer_step, train.read_step
+    monkeypatch.setattr(train, "optimizer_step", lambda *args: (events.append("step"), optimizer_step(*args))[1])
+    monkeypatch.setattr(train, "read_step", lambda *args: (events.append("read"), read_step(*args))[1])
+    run_dir = train.main(make_train_args(tmp_path, "--epochs", "1"))
+    steps = events.count("step")
+    assert steps >= 3 and events == ["step"] + ["step", "read"] * (steps - 1) + ["read"]  # every step read, the last at the epoch's end
+    (row,) = [row for row in read_csv(run_dir / "log.csv") if row["epoch"] == "1"]
+    assert math.isfinite(float(row["train_loss"]))
+
+
 def test_divergence_hint_suggests_only_what_applies() -> None:
     assert train.divergence_hint(torch.float32) == "lower --lr (or clip with --max_grad_norm 1.0)"
     assert train.divergence_hint(torch.bfloat16).endswith("or use --dtype fp32")
