@@ -145,11 +145,11 @@ def test_decoder_without_pad_token_pads_with_eos_and_pools_the_last_real_token(t
     assert tokenizer.pad_token == "<|endoftext|>" and model.config.pad_token_id == tokenizer.pad_token_id
 
 
-@pytest.mark.parametrize(("family", "pad", "config_pad"), [("qwen3", "<|endoftext|>", None), ("gemma3", "<pad>", 0)])
+@pytest.mark.parametrize(("family", "pad", "config_pad"), [("qwen3", "<|endoftext|>", None), ("gemma2", "<pad>", 0), ("gemma3", "<pad>", 0)])
 def test_decoder_with_a_pad_token_of_its_own_keeps_it_and_pools_the_last_real_token(
     family: str, pad: str, config_pad: int | None, tiny_family_model, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Qwen3's <|endoftext|> and Gemma 3's <pad> are not their end-of-text token (<|im_end|>, <eos>): they pad as they are,
+    """Qwen3's <|endoftext|> and Gemma's <pad> are not their end-of-text token (<|im_end|>, <eos>): they pad as they are,
     and the model's config gets their id (Qwen's checkpoint has none, Gemma's has it already)."""
     model_dir = tiny_family_model(family)
     assert AutoConfig.from_pretrained(model_dir).pad_token_id == config_pad

@@ -327,11 +327,15 @@ def build_mistral(texts: list[str], output_dir: Path, hidden_size: int, num_laye
 
 
 def build_gemma2(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
-    """google/gemma-2-*: <bos> first, soft-capped logits, local and global attention layers."""
+    """google/gemma-2-*: Gemma's tokenizer (gemma_tokenizer: <bos> first, a <pad> of its own, id 0, as transformers'
+    GemmaTokenizer and Gemma2Config default to), soft-capped logits, local and global attention layers."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    tokenizer = bpe_tokenizer(texts, output_dir, "<bos>", "<eos>", "PreTrainedTokenizerFast")
-    return save_decoder(Gemma2Config, Gemma2ForCausalLM, tokenizer, output_dir, seed, head_dim=16, sliding_window=64, **decoder_sizes(hidden_size, num_layers))
+    tokenizer = gemma_tokenizer(texts, output_dir)
+    return save_decoder(
+        Gemma2Config, Gemma2ForCausalLM, tokenizer, output_dir, seed, pad_token_id=tokenizer.pad_token_id, head_dim=16, sliding_window=64,
+        **decoder_sizes(hidden_size, num_layers),
+    )  # fmt: skip
 
 
 def build_qwen3(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
@@ -402,7 +406,7 @@ DECODER_FAMILIES: dict[str, tuple[Builder, str, str]] = {
     "llama": (build_llama, "PreTrainedTokenizerFast", "llm-jp/llm-jp-3-1.8b, tokyotech-llm/Llama-3.1-Swallow-8B-v0.3, sbintuitions/sarashina2.2-1b"),
     "qwen2": (build_qwen2, "Qwen2Tokenizer", "Qwen/Qwen2.5-0.5B-Instruct"),
     "mistral": (build_mistral, "PreTrainedTokenizerFast", "mistralai/Mistral-7B-v0.3"),
-    "gemma2": (build_gemma2, "PreTrainedTokenizerFast", "google/gemma-2-2b-jpn-it"),
+    "gemma2": (build_gemma2, "GemmaTokenizer", "google/gemma-2-2b-jpn-it"),
     "qwen3": (build_qwen3, "Qwen2Tokenizer", "Qwen/Qwen3-1.7B, Qwen/Qwen3-4B, Qwen/Qwen3-8B"),
     "gemma3": (build_gemma3, "GemmaTokenizer", "google/gemma-3-1b-it"),
     "gemma3-vision": (build_gemma3_vision, "GemmaTokenizer", "google/gemma-3-4b-it, google/gemma-3-12b-it, google/gemma-3-27b-it"),
