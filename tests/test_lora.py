@@ -295,6 +295,9 @@ def test_sweep_preset_llm_brings_its_models_lrs_and_lora_options_which_the_user_
 
     args = sweep.Args().parse_args(["--preset", "llm", "--batch_size", "16"])
     assert args.models == sweep.LLM_MODELS and "Qwen/Qwen2.5-0.5B-Instruct" in args.models and len(args.models) >= 5
+    # Every model of the preset is of a family that the tests train, save and predict with (tiny_models.DECODER_FAMILIES).
+    stood_for = {name for _, _, names in DECODER_FAMILIES.values() for name in names.split(", ")}
+    assert set(args.models) <= stood_for, sorted(set(args.models) - stood_for)
     assert args.lrs == [1e-4, 3e-4, 5e-4, 1e-3]
     forwarded = train.Args().parse_args(args.extra_args)
     assert (forwarded.lora_r, forwarded.batch_size, forwarded.epochs, forwarded.gradient_checkpointing) == (32, 16, 10, True)

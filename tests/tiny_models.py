@@ -403,7 +403,10 @@ FAMILIES: dict[str, tuple[Builder, str, str]] = {
 
 # Decoder LLMs, trained with LoRA (tests/test_lora.py): the same shape of entry.
 DECODER_FAMILIES: dict[str, tuple[Builder, str, str]] = {
-    "llama": (build_llama, "PreTrainedTokenizerFast", "llm-jp/llm-jp-3-1.8b, tokyotech-llm/Llama-3.1-Swallow-8B-v0.3, sbintuitions/sarashina2.2-1b"),
+    "llama": (
+        build_llama, "PreTrainedTokenizerFast",
+        "llm-jp/llm-jp-3-1.8b, llm-jp/llm-jp-3-3.7b, tokyotech-llm/Llama-3.1-Swallow-8B-v0.5, sbintuitions/sarashina2.2-1b, sbintuitions/sarashina2.2-3b",
+    ),  # fmt: skip
     "qwen2": (build_qwen2, "Qwen2Tokenizer", "Qwen/Qwen2.5-0.5B-Instruct"),
     "mistral": (build_mistral, "PreTrainedTokenizerFast", "mistralai/Mistral-7B-v0.3"),
     "gemma2": (build_gemma2, "GemmaTokenizer", "google/gemma-2-2b-jpn-it"),
