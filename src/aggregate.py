@@ -47,8 +47,13 @@ RUN_FACTS = (
 )  # fmt: skip
 # Settings added to train.py after runs were made, with the value those older runs had: --truncation
 # head is what train.py always did (and no class weights, no early stopping, the 0.5 threshold that
-# single-label runs never use), so an older run and a new default one are the same setting.
-OLDER_SETTINGS = {"truncation": "head", "head_tokens": None, "threshold": 0.5, "class_weights": "none", "early_stopping_patience": 0}
+# single-label runs never use, full fine-tuning: LoRA's r 0 and its other flags at their defaults),
+# so an older run and a new default one are the same setting. Every setting added from now on needs
+# its entry (tests/test_aggregate.py compares this table with train.py's settings).
+OLDER_SETTINGS = {
+    "truncation": "head", "head_tokens": None, "threshold": 0.5, "class_weights": "none", "early_stopping_patience": 0,
+    "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_target_modules": [], "load_in_4bit": False,
+}  # fmt: skip
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
 # them itself under "runtime_options" (train.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (

@@ -494,7 +494,7 @@ def test_runtime_options_come_from_the_config_or_else_the_old_list() -> None:
     """A run lists its runtime options in config.json; runs made before that fall back to the old list."""
     fields = {"lr": 1e-5, "device": "cpu", "eval_batch_size": 32, "profile_dir": "x", "seed": 1, "num_params": 10}
     listed = aggregate.setting_of({**fields, "runtime_options": ["device", "profile_dir"]})
-    older = aggregate.OLDER_SETTINGS  # settings these configs predate, at the value they had
+    older = {**aggregate.OLDER_SETTINGS, "lora_target_modules": "[]"}  # settings these configs predate, at the value they had (lists as JSON)
     assert listed == {**older, "lr": 1e-5, "eval_batch_size": 32, "world_size": 1}  # no runtime_options column either
     assert aggregate.setting_of(fields) == {**older, "lr": 1e-5, "profile_dir": "x", "world_size": 1}
     assert aggregate.setting_of(fields, repetitions=False) == {**older, "lr": 1e-5, "profile_dir": "x", "seed": 1, "world_size": 1}
@@ -642,11 +642,21 @@ def test_a_bad_micro_score_is_reported(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"skipped {bad}: test-metrics.json: micro_f1 is 'high', expected int or float" in capsys.readouterr().err
 
 
+# train.py's settings when runs first recorded them (main at a651005, before resume, truncation modes, LoRA and the
+# multi-label options): every setting added since must say, in aggregate.OLDER_SETTINGS, what runs before it did.
+FIRST_SETTINGS = {
+    "model_name", "text_fields", "batch_size", "epochs", "lr", "num_warmup_epochs", "max_seq_len", "weight_decay",
+    "gradient_accumulation_steps", "max_grad_norm", "gradient_checkpointing", "dtype", "reinit_head",
+}  # fmt: skip
+
+
 def test_settings_older_runs_lack_take_train_pys_defaults() -> None:
     """A run made before a setting existed trained as its default does: the same setting as a new default run."""
     import train
 
     defaults = train.Args().parse_args([]).as_dict()
+    settings = {name for name in defaults if name not in train.RUNTIME_OPTIONS and name not in aggregate.REPETITION_FIELDS}
+    assert settings - FIRST_SETTINGS == set(aggregate.OLDER_SETTINGS)  # a new setting without an entry would split old and new runs
     assert {name: defaults[name] for name in aggregate.OLDER_SETTINGS} == aggregate.OLDER_SETTINGS
     new_default_run = {"lr": 1e-5, **aggregate.OLDER_SETTINGS}
     assert aggregate.setting_of({"lr": 1e-5}) == aggregate.setting_of(new_default_run)
