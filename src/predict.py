@@ -175,7 +175,7 @@ def tokenize(
     """Examples as train.py makes them (the same tokenization module, fast or slow path), numbered in input order."""
     if not rows:
         return []
-    encoder = tokenization.choose_encoder(tokenizer, slow, tokenization.text_separator(tokenizer, layout.text_fields))
+    encoder = tokenization.choose_encoder(tokenizer, slow, layout.text_fields)
     info(f"tokenizer: {encoder.description}")
     encoded = tokenization.encode_parallel(encoder, tokenization.texts_of(rows, layout.text_fields), layout, token_type_ids, num_workers)
     info(tokenization.truncation_note(source, encoded.truncation_report(), layout))

@@ -462,8 +462,10 @@ class MecabWordPieceEncoder(Encoder):
         ]
 
 
-def choose_encoder(tokenizer: PreTrainedTokenizerBase, slow: bool, separator: str | None = None) -> Encoder:
-    """The fast MeCab + WordPiece path where it gives the tokenizer's own ids, else the tokenizer itself (separator: text_separator)."""
+def choose_encoder(tokenizer: PreTrainedTokenizerBase, slow: bool, text_fields: Sequence[str] = ()) -> Encoder:
+    """The fast MeCab + WordPiece path where it gives the tokenizer's own ids, else the tokenizer itself; rows of
+    TEXT_FIELDS, read as one text where the tokenizer has no separator token (text_separator)."""
+    separator = text_separator(tokenizer, text_fields)
     if slow:
         return SlowEncoder(tokenizer, "--slow_tokenizer", separator)
     problem = fast_path_problem(tokenizer)
@@ -730,17 +732,16 @@ def through_cache(
 def tokenize_splits(
     rows: Mapping[str, list[dict]], files: Mapping[str, Path], tokenizer: PreTrainedTokenizerBase, *, layout: InputLayout,
     token_type_ids: bool, slow: bool, num_workers: int, cache_dir: Path | None, log: Callable[[str], None],
-    separator: str | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, dict[str, int | float]]]:
     """Examples of each split (rows read from FILES) ready for batching, from the cache or tokenised now (then cached),
     and each split's truncation report (printed).
 
-    slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache;
-    separator: the text fields read as one text, joined by it (text_separator).
+    slow: the tokenizer's own code even where the fast path applies; cache_dir None: no cache.
     """
     start = time.perf_counter()
     sizes = {split: len(split_rows) for split, split_rows in rows.items()}
-    encoder = choose_encoder(tokenizer, slow, separator)
+    encoder = choose_encoder(tokenizer, slow, layout.text_fields)
+    separator = encoder.separator
     log(f"tokenizer: {encoder.description}")
     log(f"input: {layout.describe()}")
     if separator is not None:

@@ -349,7 +349,7 @@ def main(args: Args) -> Path:
         examples, truncation_report = tokenization.tokenize_splits(
             rows, {split: args.dataset_dir / f"{split}.jsonl" for split in SPLITS}, tokenizer, layout=layout,
             token_type_ids=tokenization.wants_token_type_ids(model.config, args.text_fields),
-            slow=args.slow_tokenizer, num_workers=args.num_workers, log=log, separator=tokenization.text_separator(tokenizer, args.text_fields),
+            slow=args.slow_tokenizer, num_workers=args.num_workers, log=log,
             cache_dir=args.tokenized_cache_dir if args.tokenized_cache == "on" else None,
         )
         on_rank_0(lambda: record_in_config(run_dir, truncation_report=truncation_report), rank, world_size)
