@@ -86,6 +86,16 @@ def finished_run(make_train_args, tmp_path_factory: pytest.TempPathFactory) -> P
     return train.main(make_train_args(tmp_path_factory.mktemp("outputs"), "--save_model"))
 
 
+def need_cluster(problem: str | None, variable: str) -> None:
+    """A cluster's tests skip, with the reason, where none takes jobs here; with VARIABLE=required (.ci/run starts the
+    clusters first) a missing cluster is a failure instead."""
+    if problem is None:
+        return
+    if os.environ.get(variable) == "required":
+        pytest.fail(f"{variable}=required, but {problem}")
+    pytest.skip(problem)
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(encoding="utf-8") as f:
         return list(csv.DictReader(f))

@@ -24,6 +24,7 @@ import pytest
 import claims
 import sweep
 import utils
+from conftest import need_cluster
 from test_sweep import FORWARDED, finished_runs, in_process, plan, sweep_args
 
 pytestmark = pytest.mark.slow
@@ -52,12 +53,7 @@ def cluster_problem() -> str | None:
 
 @pytest.fixture(scope="module", autouse=True)
 def gridengine_cluster() -> None:
-    problem = cluster_problem()
-    if problem is None:
-        return
-    if os.environ.get("GRIDENGINE_TESTS") == "required":
-        pytest.fail(f"GRIDENGINE_TESTS=required, but {problem}")
-    pytest.skip(problem)
+    need_cluster(cluster_problem(), "GRIDENGINE_TESTS")
 
 
 def job_script(root: Path, sweep_argv: list[str]) -> Path:

@@ -20,6 +20,7 @@ import pytest
 
 import sweep
 import utils
+from conftest import need_cluster
 from test_sweep import FORWARDED, finished_runs, plan
 
 TINY_LRS = ["5e-3", "1e-3"]
@@ -38,12 +39,7 @@ def cluster_problem() -> str | None:
 
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster() -> None:
-    problem = cluster_problem()
-    if problem is None:
-        return
-    if os.environ.get("SLURM_TESTS") == "required":
-        pytest.fail(f"SLURM_TESTS=required, but {problem}")
-    pytest.skip(problem)
+    need_cluster(cluster_problem(), "SLURM_TESTS")
 
 
 def slurm_args(root: Path, models: list[str], dataset_dir: Path, *argv: str) -> sweep.Args:
