@@ -185,6 +185,18 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
+def frozen_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that training never changes (a LoRA run's base model, LUKE's unreachable entity queries)."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied aliases too
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state without its frozen parameters: what a checkpoint and the best epoch's weights keep
+    (megabytes for a LoRA run, not its base model). Load it with strict=False (load_trained_state)."""
+    frozen = frozen_names(model)
+    return {key: value for key, value in model.state_dict().items() if key not in frozen}
+
+
 def checkpoint_state(
     epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler, best_epoch: int, best_f1: float, best_model: dict[str, torch.Tensor], log_rows: list[dict[str, Any]],
@@ -196,9 +208,8 @@ def checkpoint_state(
 
     Frozen parameters (a LoRA run's base model, LUKE's unreachable entity queries) never change: they are left out,
     and a resumed run has them from --model_name again (load_trained_state)."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     return {
-        "epoch": epoch, "model": {key: value for key, value in model.state_dict().items() if key not in frozen},
+        "epoch": epoch, "model": trained_state(model),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "best_epoch": best_epoch, "best_f1": best_f1, "best_model": best_model, "log": log_rows, "rng": rng,
     }  # fmt: skip
@@ -207,7 +218,7 @@ def checkpoint_state(
 def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], run_dir: Path) -> None:
     """Put a checkpoint's weights back into the model: every one but the frozen, which the model loaded already has."""
     loaded = model.load_state_dict(state, strict=False)
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    frozen = frozen_names(model)
     unfit = [*loaded.unexpected_keys, *(key for key in loaded.missing_keys if key not in frozen)]
     if unfit:
         raise InputError(

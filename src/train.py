@@ -264,10 +264,8 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 
 
 def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights that training changes, so the best epoch costs no accelerator memory
-    (frozen weights never change: a LoRA run copies megabytes, not its base model). Load it with strict=False."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items() if key in trainable}
+    """A CPU copy of what training changes (runs.trained_state), so the best epoch costs no accelerator memory."""
+    return {key: value.detach().to("cpu", copy=True) for key, value in runs.trained_state(model).items()}
 
 
 class TrainingError(InputError):
