@@ -106,13 +106,17 @@ def target_layers(model: PreTrainedModel, names: Sequence[str] = ()) -> list[str
             )
         return chosen
     for target in names:
-        if not any(name == target or name.endswith(f".{target}") for name in layers):
+        if not any(is_named(name, target) for name in layers):
             raise InputError(
                 f"--lora_target_modules {target}: no Linear or Embedding layer of {type(model).__name__} is named so; "
                 f"its layers: {', '.join(leaf_names(layers))}"
             )
-    chosen = [name for name in layers if any(name == target or name.endswith(f".{target}") for target in names)]
-    return chosen
+    return [name for name in layers if any(is_named(name, target) for target in names)]
+
+
+def is_named(name: str, target: str) -> bool:
+    """Whether a module's full name is TARGET, or ends with it after a dot (as peft matches target_modules)."""
+    return name == target or name.endswith(f".{target}")
 
 
 def leaf_names(names: Sequence[str] | dict) -> list[str]:

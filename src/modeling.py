@@ -140,7 +140,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.enable_input_require_grads()
 
 
-
 def looks_like_path(name: str) -> bool:
     """A --model_name meant as a local folder: it starts with ., / or ~, or its parent folder exists (models/tiny-luke)."""
     path = Path(name).expanduser()
