@@ -110,11 +110,6 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def is_finished(run_dir: Path) -> bool:
-    # train.py writes test-metrics.json last.
-    return (run_dir / "test-metrics.json").is_file()
-
-
 def read_json_object(
     run_dir: Path, name: str, fields: dict[str, tuple[type, ...]], optional: dict[str, tuple[type, ...]] | None = None
 ) -> dict[str, Any]:
@@ -426,7 +421,7 @@ def main(args: Args) -> None:
     # Read every finished run; report broken ones and go on.
     rows, settings, splits, unfinished, broken = [], [], [], 0, 0
     for run_dir in find_run_dirs(args.input_dir):
-        if not is_finished(run_dir):
+        if not utils.is_finished(run_dir):
             unfinished += 1
             continue
         try:

@@ -62,18 +62,6 @@ def select_options(argv: Sequence[str], names: set[str] | frozenset[str]) -> lis
     return [token for group in option_groups(argv) if group[0].split("=", 1)[0].removeprefix("--") in names for token in group]
 
 
-# --- run folders, as train.py leaves them (TEAM contract; checked here without importing torch) -------------
-
-
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "test-metrics.json").is_file()  # train.py writes it last
-
-
-def is_resumable(run_dir: Path) -> bool:
-    """An unfinished run with a checkpoint: `train.py --resume RUN_DIR` continues it from its last epoch."""
-    return (run_dir / "config.json").is_file() and (run_dir / "checkpoint.pt").is_file() and not is_finished(run_dir)
-
-
 @dataclass
 class Launch:
     """One train.py run as the sweep starts it: what it is, its train.py arguments, processes and log file."""
@@ -262,10 +250,10 @@ class SlurmRun(submitit.helpers.Checkpointable):
         with signals.handled():
             # An earlier attempt of this task (before a requeue) may have finished its run, or left it resumable.
             earlier = last_run_folder(launch.log_path)
-            if earlier is not None and is_finished(earlier):
+            if earlier is not None and utils.is_finished(earlier):
                 note(launch.log_path, f"{earlier} is finished (by an earlier attempt of this task)")
                 return 0
-            if earlier is not None and is_resumable(earlier):
+            if earlier is not None and utils.is_resumable(earlier):
                 note(launch.log_path, f"task requeued: resuming {earlier} from its checkpoint")
                 launch = replace(launch, argv=["--resume", str(earlier), *launch.runtime_argv])
             # Slurm sets CUDA_VISIBLE_DEVICES to the task's GPUs; the task's CPUs are shared by its processes.
@@ -277,7 +265,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
             return 0
         if signals.timed_out:
             folder = last_run_folder(launch.log_path)
-            resumable = f"; {folder} keeps its last checkpoint: run the sweep again to resume it" if folder and is_resumable(folder) else ""
+            resumable = f"; {folder} keeps its last checkpoint: run the sweep again to resume it" if folder and utils.is_resumable(folder) else ""
             raise TaskStopped(f"stopped by the Slurm time limit (raise --slurm_time){resumable}")
         if signals.terminated:
             # Preempted, requeued or cancelled: no result, so the sweep waits while Slurm runs the task again.

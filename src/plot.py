@@ -328,7 +328,7 @@ def sort_paths(paths: list[Path]) -> tuple[list[Path], list[Path], list[Path]]:
     (train.py writes it first) and is finished once it holds test-metrics.json (written last).
     """
     runs = [path for path in paths if (path / "config.json").is_file()]
-    finished = [run for run in runs if (run / "test-metrics.json").is_file()]
+    finished = [run for run in runs if utils.is_finished(run)]
     unfinished = [run for run in runs if run not in finished]
     return finished, unfinished, [path for path in paths if path not in runs]
 

@@ -24,9 +24,8 @@ from tap import Tap
 
 import utils
 from evaluation import Objective, confusion_matrix, per_label_report
-from utils import InputError
+from utils import CHECKPOINT, InputError
 
-CHECKPOINT = "checkpoint.pt"
 LABEL_COUNTS_FILE = "test-label-counts.csv"  # multi-label runs: per label, the test examples counted as TP, FP, FN, TN
 
 
@@ -252,7 +251,7 @@ def resumable_config(run_dir: Path) -> dict[str, Any]:
     """config.json of a run folder that --resume can continue; otherwise an InputError saying what to do."""
     if not (run_dir / "config.json").is_file():
         raise InputError(f"--resume {run_dir}: not a run folder of train.py (no config.json); pass one such as outputs/<model>/<date>/<time>")
-    if (run_dir / "test-metrics.json").is_file():
+    if utils.is_finished(run_dir):
         raise InputError(f"--resume {run_dir}: this run already finished (it has test-metrics.json); to train again, start a new run without --resume")
     if not (run_dir / CHECKPOINT).is_file():
         raise InputError(

@@ -268,7 +268,7 @@ def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
     """The settings of the finished runs under `output_root`; unfinished or unreadable runs do not count."""
     found = set()
     for run_dir in aggregate.find_run_dirs(output_root):
-        if not aggregate.is_finished(run_dir):
+        if not utils.is_finished(run_dir):
             continue
         try:
             config = utils.load_json(run_dir / "config.json")
@@ -293,7 +293,7 @@ def resumable_run(output_root: Path, combination: Combination, key: frozenset[tu
     model_dir = output_root / runs.run_dir_name(combination.model_name, datetime.now()).parts[0]
     found = []
     for run_dir in aggregate.find_run_dirs(model_dir) if model_dir.is_dir() else []:
-        if aggregate.is_finished(run_dir) or not (run_dir / "checkpoint.pt").is_file():
+        if not utils.is_resumable(run_dir):
             continue
         try:
             config = utils.load_json(run_dir / "config.json")
@@ -301,7 +301,7 @@ def resumable_run(output_root: Path, combination: Combination, key: frozenset[tu
             continue
         if isinstance(config, dict) and setting_key(config) == key:
             found.append(run_dir)
-    return max(found, key=lambda d: (d / "checkpoint.pt").stat().st_mtime, default=None)
+    return max(found, key=lambda d: (d / utils.CHECKPOINT).stat().st_mtime, default=None)
 
 
 def resume_argv(run_dir: Path, forwarded: Sequence[str]) -> list[str] | None:

@@ -214,6 +214,21 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds the CUDA and MPS generators
 
 
+# --- run folders, as train.py leaves them (runs.py); read here by the stages that do not import torch ---------
+
+CHECKPOINT = "checkpoint.pt"  # a run's state at the end of its last complete epoch (train.py --resume)
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run folder whose run finished: train.py writes test-metrics.json last."""
+    return (run_dir / "test-metrics.json").is_file()
+
+
+def is_resumable(run_dir: Path) -> bool:
+    """An unfinished run with a checkpoint: `train.py --resume RUN_DIR` continues it from its last epoch."""
+    return (run_dir / "config.json").is_file() and (run_dir / CHECKPOINT).is_file() and not is_finished(run_dir)
+
+
 def is_main_process() -> bool:
     """Whether this process writes and prints: rank 0 under torchrun, and any process outside a process group.
 
