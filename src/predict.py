@@ -178,9 +178,7 @@ def tokenize(
     encoder = tokenization.choose_encoder(tokenizer, slow, layout.text_fields)
     info(f"tokenizer: {encoder.description}")
     encoded = tokenization.encode_parallel(encoder, tokenization.texts_of(rows, layout.text_fields), layout, token_type_ids, num_workers)
-    info(tokenization.truncation_note(source, encoded.truncation_report(), layout))
-    if encoded.cut_titles:
-        info(tokenization.cut_titles_note(source, encoded.cut_titles, layout.text_fields, f"the model's max_seq_len {layout.max_seq_len}"))
+    tokenization.report_truncation(source, encoded, layout, f"the model's max_seq_len {layout.max_seq_len}", info)
     return encoded.examples([NO_LABEL] * len(rows))
 
 

@@ -207,6 +207,15 @@ def cut_titles_note(where: str, count: int, text_fields: Sequence[str], limit: s
     return f"{where}: {count} row(s) whose {text_fields[0]} alone fills {limit}: {text_fields[0]} truncated to fit, {text_fields[-1]} left out"
 
 
+def report_truncation(where: str, encoded: Encoded, layout: InputLayout, limit: str, log: Callable[[str], None]) -> dict[str, int | float]:
+    """Log what truncation did to a split (train.py) or an input (predict.py), LIMIT naming the length limit; return the report."""
+    report = encoded.truncation_report()
+    log(truncation_note(where, report, layout))
+    if encoded.cut_titles:
+        log(cut_titles_note(where, encoded.cut_titles, layout.text_fields, limit))
+    return report
+
+
 # --- truncation and special tokens ------------------------------------------------------------
 
 
@@ -762,11 +771,6 @@ def tokenize_splits(
             # Absent for pairs: earlier entries stay valid. (Named anew since the title is truncated apart from the body.)
             return key if separator is None else {**key, "text_separator": separator}
         encoded, status = through_cache(cache_dir, key_of, sizes, encode_all, log)
-    reports = {}
-    for split, part in encoded.items():
-        reports[split] = part.truncation_report()
-        log(truncation_note(split, reports[split], layout))
-        if part.cut_titles:
-            log(cut_titles_note(split, part.cut_titles, layout.text_fields, f"--max_seq_len {layout.max_seq_len}"))
+    reports = {split: report_truncation(split, part, layout, f"--max_seq_len {layout.max_seq_len}", log) for split, part in encoded.items()}
     log(f"{status}; {sum(sizes.values()):,} examples in {time.perf_counter() - start:.1f} s")
     return {split: part.examples([row["label"] for row in rows[split]]) for split, part in encoded.items()}, reports
