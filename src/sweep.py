@@ -60,7 +60,7 @@ import runs
 import train  # for train.py's command line only (its Args), which the sweep checks and forwards
 import utils
 from launch import (
-    RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, option_groups, run_logged, select_options, thread_slot, train_command,
+    RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, run_logged, select_options, thread_slot, train_command,
 )  # fmt: skip
 from utils import InputError
 
@@ -264,19 +264,22 @@ def setting_key(config: dict[str, Any]) -> frozenset[tuple[str, Any]]:
     return frozenset(aggregate.setting_of(config, repetitions=False).items())
 
 
-def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
-    """The settings of the finished runs under `output_root`; unfinished or unreadable runs do not count."""
-    found = set()
-    for run_dir in aggregate.find_run_dirs(output_root):
-        if not utils.is_finished(run_dir):
+def run_configs(root: Path, wanted: Callable[[Path], bool]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(run folder, its config.json) of the runs under `root` that `wanted` accepts; unreadable configs are skipped (aggregate.py reports them)."""
+    for run_dir in aggregate.find_run_dirs(root) if root.is_dir() else []:
+        if not wanted(run_dir):
             continue
         try:
             config = utils.load_json(run_dir / "config.json")
         except InputError:
-            continue  # aggregate.py reports it
+            continue
         if isinstance(config, dict):
-            found.add(setting_key(config))
-    return found
+            yield run_dir, config
+
+
+def finished_settings(output_root: Path) -> set[frozenset[tuple[str, Any]]]:
+    """The settings of the finished runs under `output_root`; unfinished or unreadable runs do not count."""
+    return {setting_key(config) for _, config in run_configs(output_root, utils.is_finished)}
 
 
 def claim_name(combination: Combination, config: dict[str, Any]) -> str:
@@ -291,16 +294,7 @@ def resumable_run(output_root: Path, combination: Combination, key: frozenset[tu
     """The newest RESUMABLE run folder of this setting under `output_root` (config.json and checkpoint.pt,
     no test-metrics.json), or None. Only the model's own folder is searched."""
     model_dir = output_root / runs.run_dir_name(combination.model_name, datetime.now()).parts[0]
-    found = []
-    for run_dir in aggregate.find_run_dirs(model_dir) if model_dir.is_dir() else []:
-        if not utils.is_resumable(run_dir):
-            continue
-        try:
-            config = utils.load_json(run_dir / "config.json")
-        except InputError:
-            continue
-        if isinstance(config, dict) and setting_key(config) == key:
-            found.append(run_dir)
+    found = [run_dir for run_dir, config in run_configs(model_dir, utils.is_resumable) if setting_key(config) == key]
     return max(found, key=lambda d: (d / utils.CHECKPOINT).stat().st_mtime, default=None)
 
 
@@ -311,8 +305,7 @@ def resume_argv(run_dir: Path, forwarded: Sequence[str]) -> list[str] | None:
         return None
     config = utils.load_json(run_dir / "config.json")
     runtime = aggregate.not_setting_fields(config, repetitions=False) - set(aggregate.RUN_FACTS)
-    kept = [g for g in option_groups(forwarded) if g[0].removeprefix("--").split("=", 1)[0] in runtime]
-    return ["--resume", str(run_dir), *itertools.chain.from_iterable(kept)]
+    return ["--resume", str(run_dir), *select_options(forwarded, runtime)]
 
 
 def setting_id(config: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 import claims
+import launch
 import sweep
 import utils
 from test_sweep import FORWARDED, LRS, SEEDS, finished_runs, in_process, plan, sweep_args
@@ -313,7 +314,7 @@ def test_a_claimed_run_resumes_its_checkpointed_folder(tiny_model_dir: Path, dat
 
 
 def test_forwarded_options_are_cut_into_groups() -> None:
-    assert sweep.option_groups(["--epochs", "1", "--text_fields", "title", "body", "--device=cpu", "--save_model"]) == [
+    assert launch.option_groups(["--epochs", "1", "--text_fields", "title", "body", "--device=cpu", "--save_model"]) == [
         ["--epochs", "1"], ["--text_fields", "title", "body"], ["--device=cpu"], ["--save_model"],
     ]  # fmt: skip
 
