@@ -55,7 +55,7 @@ OLDER_SETTINGS = {
     "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_target_modules": [], "load_in_4bit": False,
 }  # fmt: skip
 # train.py's runtime options (how and where a run executes), for runs made before config.json listed
-# them itself under "runtime_options" (train.py declares them in its Runtime class).
+# them itself under "runtime_options" (train_options.py declares them in its Runtime class).
 OLD_RUNTIME_OPTIONS = (
     "output_root", "device", "num_workers", "eval_batch_size", "save_model", "compile",
     "slow_tokenizer",  # the same ids either way

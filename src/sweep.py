@@ -57,7 +57,7 @@ from tap import Tap
 import aggregate
 import claims
 import runs
-import train  # for train.py's command line only (its Args), which the sweep checks and forwards
+import train_options  # train.py's command line (its Args), which the sweep checks and forwards
 import utils
 from launch import (
     RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, run_logged, select_options, thread_slot, train_command,
@@ -208,14 +208,15 @@ class Args(Tap):
         check_forwarded(self.extra_args, self.error)
 
 
-def train_options() -> set[str]:
-    return {f"--{name}" for name in train.Args().class_variables}
+def train_flags() -> set[str]:
+    """train.py's options as written on its command line (--name)."""
+    return {f"--{name}" for name in train_options.Args().class_variables}
 
 
 def check_forwarded(forwarded: Sequence[str], error: Callable[[str], Any]) -> None:
     """Refuse the sweep's axes and anything that is not a train.py option written in full; then let
     train.py's own parser check the values, so that a typo stops the sweep before its first run."""
-    options = train_options()
+    options = train_flags()
     for token in forwarded:
         if not token.startswith("--"):
             continue  # a value; train.py's parser below says if it belongs to no option
@@ -226,7 +227,7 @@ def check_forwarded(forwarded: Sequence[str], error: Callable[[str], Any]) -> No
             error(f"{option} is set by the sweep for each run: use {AXES[option[2:]]} instead")
         if option not in options:
             error(f"{option} is an option of neither sweep.py nor train.py (write options in full, without abbreviation)")
-    train.Args(prog="train.py").parse_args(list(forwarded))  # exits with train.py's usage on a bad value
+    train_options.Args(prog="train.py").parse_args(list(forwarded))  # exits with train.py's usage on a bad value
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,7 @@ def resumable_run(output_root: Path, combination: Combination, key: frozenset[tu
 def resume_argv(run_dir: Path, forwarded: Sequence[str]) -> list[str] | None:
     """train.py's arguments to continue `run_dir`: --resume, and the forwarded options that are runtime
     options (its settings come from its config.json). None when this train.py has no --resume."""
-    if "--resume" not in train_options():
+    if "--resume" not in train_flags():
         return None
     config = utils.load_json(run_dir / "config.json")
     runtime = aggregate.not_setting_fields(config, repetitions=False) - set(aggregate.RUN_FACTS)
@@ -316,7 +317,7 @@ def setting_id(config: dict[str, Any]) -> str:
 def runtime_options(forwarded: Sequence[str]) -> list[str]:
     """The forwarded options that do not change what a run learns (--device, --num_workers, ...): what
     `train.py --resume` takes besides the run folder, whose config.json holds the settings."""
-    return select_options(forwarded, set(train.RUNTIME_OPTIONS))
+    return select_options(forwarded, set(train_options.RUNTIME_OPTIONS))
 
 
 def combination_configs(
@@ -326,13 +327,13 @@ def combination_configs(
     `world_size` processes.
 
     train.py's parser is built once (building it takes ~15 ms, and a full sweep has thousands of
-    combinations); each combination then sets its own axes, with the types train.Args gives them.
+    combinations); each combination then sets its own axes, with the types train_options.Args gives them.
     """
-    base = runs.args_to_json(train.Args().parse_args(combinations[0].train_argv(output_root, forwarded)))
+    base = runs.args_to_json(train_options.Args().parse_args(combinations[0].train_argv(output_root, forwarded)))
     return [
         {
             **base, "model_name": c.model_name, "lr": float(c.lr), "seed": int(c.seed), "dataset_dir": str(c.dataset_dir),
-            "output_root": str(output_root), "runtime_options": list(train.RUNTIME_OPTIONS), "world_size": world_size,
+            "output_root": str(output_root), "runtime_options": list(train_options.RUNTIME_OPTIONS), "world_size": world_size,
         }
         for c in combinations
     ]

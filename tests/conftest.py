@@ -68,12 +68,12 @@ TINY_TRAINING = [
 
 @pytest.fixture(scope="session")
 def make_train_args(tiny_model_dir: Path, dataset_dir: Path):
-    """Build train.Args for the tiny model on the fixture dataset; later flags override earlier ones."""
-    import train
+    """Build train.py's Args for the tiny model on the fixture dataset; later flags override earlier ones."""
+    import train_options
 
-    def make(output_root: Path, *extra: str) -> "train.Args":
+    def make(output_root: Path, *extra: str) -> "train_options.Args":
         base = ["--model_name", str(tiny_model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root)]
-        return train.Args().parse_args([*base, *TINY_TRAINING, *extra])
+        return train_options.Args().parse_args([*base, *TINY_TRAINING, *extra])
 
     return make
 

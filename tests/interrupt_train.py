@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import runs  # noqa: E402
 import train  # noqa: E402
+import train_options  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
         save_checkpoint(run_dir, checkpoint)
 
     runs.save_checkpoint = signal_before_epoch
-    utils.run_cli(train.main, train.Args().parse_args(argv[2:]), catch_sigterm=True)  # as train.py's __main__
+    utils.run_cli(train.main, train_options.Args().parse_args(argv[2:]), catch_sigterm=True)  # as train.py's __main__
 
 
 if __name__ == "__main__":

@@ -652,10 +652,10 @@ FIRST_SETTINGS = {
 
 def test_settings_older_runs_lack_take_train_pys_defaults() -> None:
     """A run made before a setting existed trained as its default does: the same setting as a new default run."""
-    import train
+    import train_options
 
-    defaults = train.Args().parse_args([]).as_dict()
-    settings = {name for name in defaults if name not in train.RUNTIME_OPTIONS and name not in aggregate.REPETITION_FIELDS}
+    defaults = train_options.Args().parse_args([]).as_dict()
+    settings = {name for name in defaults if name not in train_options.RUNTIME_OPTIONS and name not in aggregate.REPETITION_FIELDS}
     assert settings - FIRST_SETTINGS == set(aggregate.OLDER_SETTINGS)  # a new setting without an entry would split old and new runs
     assert {name: defaults[name] for name in aggregate.OLDER_SETTINGS} == aggregate.OLDER_SETTINGS
     new_default_run = {"lr": 1e-5, **aggregate.OLDER_SETTINGS}

@@ -290,7 +290,7 @@ def test_a_claimed_run_resumes_its_checkpointed_folder(tiny_model_dir: Path, dat
         return 3
 
     # A train.py without --resume (an older one): the run starts again, and says why.
-    monkeypatch.setattr(sweep, "train_options", lambda: {"--model_name"})
+    monkeypatch.setattr(sweep, "train_flags", lambda: {"--model_name"})
     with pytest.raises(sweep.RunsFailed):
         sweep.main(args, run=runner)
     assert argvs.pop()[:2] == ["--model_name", str(tiny_model_dir)]
@@ -299,7 +299,7 @@ def test_a_claimed_run_resumes_its_checkpointed_folder(tiny_model_dir: Path, dat
 
     # A train.py with --resume continues the folder, with the forwarded runtime options only.
     args = sweep_args(tmp_path, tiny_model_dir, dataset_dir, "--lrs", "5e-3", "--seeds", "1")
-    monkeypatch.setattr(sweep, "train_options", lambda: {"--resume"})
+    monkeypatch.setattr(sweep, "train_flags", lambda: {"--resume"})
     with pytest.raises(sweep.RunsFailed):
         sweep.main(args, run=runner)
     assert argvs.pop() == ["--resume", str(run_dir), "--num_workers", "1", "--device", "cpu", "--tokenized_cache", "off"]

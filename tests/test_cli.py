@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import re
@@ -31,6 +32,27 @@ def test_parsing_has_no_side_effects(stage: str, tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     importlib.import_module(stage).Args().parse_args(REQUIRED.get(stage, []))
     assert os.listdir(tmp_path) == []
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The top-level names a source file imports, at its top or inside functions."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_scripts_import_one_another_only_where_readme_says() -> None:
+    """train.py is the experiment, imported by no script (sweep.py reads train_options.py); the stage-to-stage imports
+    are the ones README names: sweep.py runs aggregate.py's main, aggregate.py and train.py draw with plot.py."""
+    imports = {(path.stem, name) for path in SRC.glob("*.py") for name in imported_modules(path) if name in STAGES and name != path.stem}
+    assert imports == {("sweep", "aggregate"), ("aggregate", "plot"), ("train", "plot")}
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 import aggregate
 import modeling
 import train
+import train_options
 import utils
 from conftest import read_csv
 from test_aggregate import make_run
@@ -26,7 +27,7 @@ REFERENCE_DEFAULTS = {
 
 
 def test_defaults_are_the_references() -> None:
-    args = train.Args().parse_args([])
+    args = train_options.Args().parse_args([])
     assert {name: getattr(args, name) for name in REFERENCE_DEFAULTS} == REFERENCE_DEFAULTS
     assert args.max_grad_norm == 0  # the reference has no gradient clipping
     assert args.early_stopping_patience == 0 and args.class_weights == "none"  # the reference trains every epoch, unweighted
@@ -61,7 +62,7 @@ def test_one_epoch_with_the_default_warm_up_never_reaches_the_peak(
 @pytest.mark.parametrize("flag", ["--num_warmup_epochs", "--max_grad_norm"])
 def test_negative_warm_up_or_clipping_is_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        train.Args().parse_args([flag, "-1"])
+        train_options.Args().parse_args([flag, "-1"])
     assert f"{flag} cannot be negative" in capsys.readouterr().err
 
 

@@ -24,6 +24,7 @@ import data
 import modeling
 import predict
 import train
+import train_options
 import utils
 from conftest import TINY_TRAINING
 from tiny_models import FAMILIES
@@ -89,7 +90,7 @@ def test_family_trains_under_torchrun_saves_predicts_and_trains_alone(
 
     # One process, in-process.
     capsys.readouterr()
-    single = train.main(train.Args().parse_args(family_args(model_dir, dataset_dir, tmp_path / "single")))
+    single = train.main(train_options.Args().parse_args(family_args(model_dir, dataset_dir, tmp_path / "single")))
     assert utils.load_json(single / "config.json")["environment"]["world_size"] == 1
     assert [int(row["epoch"]) for row in read_log(single)] == [0, 1]
     assert set(utils.load_json(single / "test-metrics.json")) == {"loss", "accuracy", "precision", "recall", "f1"}
@@ -171,7 +172,7 @@ def test_max_seq_len_beyond_the_position_embeddings_is_one_clear_error(tiny_fami
     for family, length in (("bert-word", 1024), ("xlm-roberta", 513)):
         model_dir = tiny_family_model(family)
         with pytest.raises(InputError) as e:
-            train.main(train.Args().parse_args(family_args(model_dir, dataset_dir, tmp_path, "--max_seq_len", str(length))))
+            train.main(train_options.Args().parse_args(family_args(model_dir, dataset_dir, tmp_path, "--max_seq_len", str(length))))
         assert str(e.value) == (
             f"--max_seq_len {length} is longer than {model_dir} takes: its position embeddings hold 512 tokens; use --max_seq_len 512 or less"
         )
@@ -195,7 +196,7 @@ def test_long_context_model_takes_long_inputs(tiny_family_model, dataset_dir: Pa
     row = utils.load_jsonl(long_data / "train.jsonl")[0]
     assert len(tokenizer(row["title"], row["body"])["input_ids"]) > 1024  # truncated at 1024, not 512
 
-    run_dir = train.main(train.Args().parse_args(family_args(model_dir, long_data, tmp_path / "out", "--max_seq_len", "1024", "--batch_size", "4")))
+    run_dir = train.main(train_options.Args().parse_args(family_args(model_dir, long_data, tmp_path / "out", "--max_seq_len", "1024", "--batch_size", "4")))
     assert (run_dir / "test-metrics.json").exists()
     assert "positions: rotary or relative (no table), trained up to 8192 tokens" in capsys.readouterr().out
 
@@ -214,7 +215,7 @@ def two_class_checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPath
 
 def test_head_of_another_size_is_refused_clearly(two_class_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError) as e:
-        train.main(train.Args().parse_args(family_args(two_class_checkpoint, dataset_dir, tmp_path)))
+        train.main(train_options.Args().parse_args(family_args(two_class_checkpoint, dataset_dir, tmp_path)))
     assert str(e.value) == (
         f"{two_class_checkpoint} already has a classification head of another size (classifier.bias [2] -> [9], "
         "classifier.weight [2, 32] -> [9, 32] for 9 labels): pass --reinit_head to replace it with a new, randomly "
@@ -233,7 +234,7 @@ def test_reinit_head_replaces_the_head_and_says_so(two_class_checkpoint: Path, d
     assert model.classifier.weight.shape == (9, 32) and model.config.num_labels == 9
     # The encoder keeps the checkpoint's weights.
     torch.testing.assert_close(model.bert.encoder.layer[0].attention.self.query.weight, original.bert.encoder.layer[0].attention.self.query.weight)
-    assert "--reinit_head" in train.Args().format_help()
+    assert "--reinit_head" in train_options.Args().format_help()
 
 
 # --- any failure to build the tokenizer or model ---------------------------------------------
@@ -246,7 +247,7 @@ def test_tokenizer_that_cannot_be_built_is_one_line(tiny_model_dir: Path, datase
     config["subword_tokenizer_type"] = "no-such-subword-tokenizer"
     (broken / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(InputError) as e:
-        train.main(train.Args().parse_args(family_args(broken, dataset_dir, tmp_path / "out")))
+        train.main(train_options.Args().parse_args(family_args(broken, dataset_dir, tmp_path / "out")))
     assert str(e.value).startswith(f"cannot load the tokenizer or model of {str(broken)!r}: ValueError: ")
     assert "no-such-subword-tokenizer" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ import modeling
 import predict
 import tokenization
 import train
+import train_options
 import utils
 from conftest import TINY_TRAINING
 from tiny_models import DECODER_FAMILIES, FAMILIES
@@ -35,9 +36,9 @@ LORA = ["--lora_r", "8", "--lora_alpha", "16"]
 LABEL2ID = {f"c{i}": i for i in range(9)}
 
 
-def run_args(model_dir: Path, dataset_dir: Path, output_root: Path, *extra: str) -> train.Args:
+def run_args(model_dir: Path, dataset_dir: Path, output_root: Path, *extra: str) -> train_options.Args:
     base = ["--model_name", str(model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root)]
-    return train.Args().parse_args([*base, *ONE_EPOCH, *extra])
+    return train_options.Args().parse_args([*base, *ONE_EPOCH, *extra])
 
 
 def predict_file(model_dir: Path, dataset_dir: Path, output: Path) -> list[dict]:
@@ -213,7 +214,7 @@ def test_load_in_4bit_needs_cuda_and_lora_flags_need_lora(tiny_family_model, dat
     for flags in (["--merge_lora"], ["--lora_target_modules", "q_proj"]):
         with pytest.raises(SystemExit):
             run_args(tiny_family_model("llama"), dataset_dir, tmp_path, *flags)
-    assert lora.LoraSettings().r == 0 and train.Args().parse_args([]).lora_r == 0  # full fine-tuning by default
+    assert lora.LoraSettings().r == 0 and train_options.Args().parse_args([]).lora_r == 0  # full fine-tuning by default
 
 
 # --- a LoRA encoder ---------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_sweep_preset_llm_brings_its_models_lrs_and_lora_options_which_the_user_
     stood_for = {name for _, _, names in DECODER_FAMILIES.values() for name in names.split(", ")}
     assert set(args.models) <= stood_for, sorted(set(args.models) - stood_for)
     assert args.lrs == [1e-4, 3e-4, 5e-4, 1e-3]
-    forwarded = train.Args().parse_args(args.extra_args)
+    forwarded = train_options.Args().parse_args(args.extra_args)
     assert (forwarded.lora_r, forwarded.batch_size, forwarded.epochs, forwarded.gradient_checkpointing) == (32, 16, 10, True)
     assert sweep.Args().parse_args(["--preset", "llm", "--lrs", "2e-4"]).lrs == [2e-4]
     plain = sweep.Args().parse_args([])
@@ -310,7 +311,7 @@ def test_lora_flags_are_settings_and_the_trainable_count_is_a_fact() -> None:
     import aggregate
 
     config = {"model_name": "m", "lr": 1e-4, "lora_r": 8, "lora_alpha": 16.0, "merge_lora": True, "num_trainable_params": 10,
-              "runtime_options": list(train.RUNTIME_OPTIONS)}  # fmt: skip
+              "runtime_options": list(train_options.RUNTIME_OPTIONS)}  # fmt: skip
     setting = aggregate.setting_of(config)
     assert setting["lora_r"] == 8 and setting["lora_alpha"] == 16.0
     assert "merge_lora" not in setting and "num_trainable_params" not in setting

@@ -14,6 +14,7 @@ import torch
 
 import runs
 import train
+import train_options
 import utils
 from conftest import TINY_TRAINING, read_csv
 from utils import InputError
@@ -56,7 +57,7 @@ def test_a_run_killed_after_epoch_2_resumes_to_the_results_of_an_uninterrupted_r
     assert not (run_dir / "test-metrics.json").exists()
     config = (run_dir / "config.json").read_bytes()
 
-    assert train.main(train.Args().parse_args(["--resume", str(run_dir)])) == run_dir  # the runtime options of the run, too
+    assert train.main(train_options.Args().parse_args(["--resume", str(run_dir)])) == run_dir  # the runtime options of the run, too
     assert f"resumed {run_dir} from epoch 2 of 10" in capsys.readouterr().out
     assert_same_results(run_dir, finished_run)  # the uninterrupted run: the same settings (and --save_model)
     assert (run_dir / "config.json").read_bytes() == config
@@ -81,7 +82,7 @@ def test_ctrl_c_and_sigterm_end_in_one_line_and_leave_the_run_resumable(
 
 def test_resume_refuses_what_it_cannot_continue(finished_run: Path, tmp_path: Path) -> None:
     def resume(run_dir: Path, *extra: str) -> None:
-        train.main(train.Args().parse_args(["--resume", str(run_dir), *extra]))
+        train.main(train_options.Args().parse_args(["--resume", str(run_dir), *extra]))
 
     with pytest.raises(InputError, match=rf"^--resume {tmp_path / 'none'}: not a run folder of train.py \(no config.json\)"):
         resume(tmp_path / "none")
@@ -102,9 +103,9 @@ def test_resume_refuses_what_it_cannot_continue(finished_run: Path, tmp_path: Pa
 
 def test_resumed_args_keep_the_settings_and_take_runtime_options_given_anew(finished_run: Path) -> None:
     config = utils.load_json(finished_run / "config.json")
-    args = train.Args().parse_args(["--resume", str(finished_run), "--num_work", "3", "--device", "auto", "--epochs", "10"])
-    assert train.given_options(args) == {"resume", "num_workers", "device", "epochs"}  # an abbreviation counts as given
-    resumed = train.resumed_args(args, config)
+    args = train_options.Args().parse_args(["--resume", str(finished_run), "--num_work", "3", "--device", "auto", "--epochs", "10"])
+    assert train_options.given_options(args) == {"resume", "num_workers", "device", "epochs"}  # an abbreviation counts as given
+    resumed = train_options.resumed_args(args, config)
     assert (resumed.num_workers, resumed.device) == (3, "auto")  # given anew
     assert resumed.save_model is True and resumed.tokenized_cache == "off"  # the run's own, not the defaults
     assert (resumed.lr, resumed.epochs, resumed.max_seq_len) == (5e-3, 10, 64)
@@ -181,4 +182,4 @@ def test_under_torchrun_every_rank_resumes_and_rank_0_writes(tiny_model_dir: Pat
     assert_same_results(run_dir, uninterrupted)
     # The process count is part of the setting (it changes the effective batch): a resumed run keeps it.
     with pytest.raises(InputError, match=r"the run had 2 process\(es\), this is 1; resume it with torchrun --nproc_per_node 2 src/train.py$"):
-        train.main(train.Args().parse_args(["--resume", str(two_processes)]))
+        train.main(train_options.Args().parse_args(["--resume", str(two_processes)]))

@@ -24,6 +24,7 @@ import launch
 import runs
 import sweep
 import train
+import train_options
 import utils
 from conftest import TINY_TRAINING
 from utils import InputError
@@ -39,7 +40,7 @@ SEEDS = ["1", "2"]
 def in_process(launch: sweep.Launch, slot: sweep.Slot) -> int:
     """A runner that trains in this process (fast: torch is already imported); exit code as train.py's."""
     try:
-        train.main(train.Args().parse_args([*launch.argv, *slot.train_argv]))
+        train.main(train_options.Args().parse_args([*launch.argv, *slot.train_argv]))
     except InputError:
         return 1
     return 0
@@ -233,8 +234,8 @@ def test_combination_configs_are_what_train_parses(tiny_model_dir: Path, dataset
     assert len(combinations) == 8
     configs = sweep.combination_configs(combinations, args.output_root, args.extra_args)
     for combination, config in zip(combinations, configs):
-        parsed = train.Args().parse_args(combination.train_argv(args.output_root, args.extra_args))
-        assert config == {**runs.args_to_json(parsed), "runtime_options": list(train.RUNTIME_OPTIONS), "world_size": 1}
+        parsed = train_options.Args().parse_args(combination.train_argv(args.output_root, args.extra_args))
+        assert config == {**runs.args_to_json(parsed), "runtime_options": list(train_options.RUNTIME_OPTIONS), "world_size": 1}
 
 
 def test_defaults_are_the_reference_grid(tmp_path: Path) -> None:

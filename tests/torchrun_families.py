@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch.distributed as dist  # noqa: E402
 
 import train  # noqa: E402
+import train_options  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> None:
     for name, model_dir in (model.split("=", 1) for model in models):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"=== {name}", flush=True)
-        train.main(train.Args().parse_args(["--model_name", model_dir, "--output_root", str(Path(output_root, name)), *argv[split + 1 :]]))
+        train.main(train_options.Args().parse_args(["--model_name", model_dir, "--output_root", str(Path(output_root, name)), *argv[split + 1 :]]))
     end_group()
 
 

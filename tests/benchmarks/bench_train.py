@@ -51,6 +51,7 @@ import modeling  # noqa: E402
 import prepare  # noqa: E402
 import tokenization  # noqa: E402
 import train  # noqa: E402
+import train_options  # noqa: E402
 import utils  # noqa: E402
 from fake_corpus import write_corpus  # noqa: E402
 from tiny_bert import build_tiny_bert, read_texts  # noqa: E402
@@ -179,7 +180,7 @@ def tokenizer_processes(num_workers: int) -> str:
 
 def measure_tokenisation(train_argv: list[str], rows: list[dict], path: Path, label2id: dict[str, int]) -> tuple[list[dict], dict[str, Any]]:
     """Tokenise the train split as train.main does; return the examples and the timing."""
-    args = train.Args().parse_args(train_argv)
+    args = train_options.Args().parse_args(train_argv)
     tokenizer, model = modeling.load_model(args.model_name, label2id)  # its clear error for a model that does not load
     token_type_ids = tokenization.wants_token_type_ids(model.config, args.text_fields)
     del model
@@ -202,7 +203,7 @@ def measure_tokenisation(train_argv: list[str], rows: list[dict], path: Path, la
 def measure_model_only(train_argv: list[str], examples: list[dict], label2id: dict[str, int], steps: int, warmup_steps: int) -> dict[str, Any]:
     """Steps of the model alone on batches already collated and on the device."""
     rss_at_start, _ = peak_rss()
-    args = train.Args().parse_args(train_argv)
+    args = train_options.Args().parse_args(train_argv)
     transformers.utils.logging.disable_progress_bar()
     device = modeling.resolve_device(args.device)
     if device.type == "cuda":
@@ -264,7 +265,7 @@ def measure_model_only(train_argv: list[str], examples: list[dict], label2id: di
 def measure_full_loop(train_argv: list[str]) -> dict[str, Any]:
     """train.main as users run it; the throughput of its last epoch, from its log.csv."""
     rss_at_start, _ = peak_rss()
-    args = train.Args().parse_args(train_argv)
+    args = train_options.Args().parse_args(train_argv)
     device = modeling.resolve_device(args.device)
     # Its log lines (stdout) stay on the console; its progress bars (stderr) go to a file.
     with (args.output_root.parent / "full-loop-stderr.log").open("w", encoding="utf-8") as f, contextlib.redirect_stderr(f):
@@ -397,7 +398,7 @@ def main(args: Args) -> None:
         source = source_dataset(args, work_dir)
         repeat = args.repeat_body or (1 if args.dataset_dir is not None else 8)
         label2id = data.load_label2id(source)
-        text_fields = train.Args().text_fields
+        text_fields = train_options.Args().text_fields
         rows = {split: with_repeated_body(data.load_split(source, split, text_fields, len(label2id)), repeat) for split in data.SPLITS}
         if len(rows["train"]) < args.num_examples:
             raise InputError(f"--num_examples {args.num_examples}: the train split has only {len(rows['train'])} (raise --articles_per_category)")

@@ -1,0 +1,30 @@
+"""train.py's command line (train_options.py): its checks, and that it is readable without the experiment."""
+
+from __future__ import annotations
+
+import pytest
+
+import train_options
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--threshold", "1"], "--threshold must lie between 0 and 1"),
+        (["--early_stopping_patience", "-1"], "cannot be negative"),
+        (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+        (["--merge_lora"], "--merge_lora only apply with --lora_r (LoRA)"),
+        (["--text_fields", "a", "b", "c"], "--text_fields takes one field (a single text) or two (a pair)"),
+    ],
+)
+def test_bad_options_are_refused_with_the_reason(flags: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        train_options.Args().parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_runtime_options_are_the_fields_runtime_declares() -> None:
+    """The split that config.json records, aggregate.py groups by and sweep.py forwards on resume."""
+    assert train_options.RUNTIME_OPTIONS == tuple(train_options.Runtime.__annotations__)
+    assert {"device", "output_root", "resume", "num_workers"} <= set(train_options.RUNTIME_OPTIONS)
+    assert not {"lr", "seed", "batch_size", "model_name"} & set(train_options.RUNTIME_OPTIONS)
