@@ -48,6 +48,11 @@ from train_options import RUNTIME_OPTIONS, Args, resumed_args
 from utils import InputError, log
 
 
+def train_py_command(processes: int) -> str:
+    """How a user starts train.py with this many processes (the hint of the resume messages)."""
+    return "python src/train.py" if processes == 1 else f"torchrun --nproc_per_node {processes} src/train.py"
+
+
 @contextmanager
 def says_how_to_resume(run_dir: Path, world_size: int) -> Iterator[None]:
     """A stop signal (utils.Interrupted: Ctrl-C, SIGTERM) ends in one line that says how to continue the run."""
@@ -55,8 +60,7 @@ def says_how_to_resume(run_dir: Path, world_size: int) -> Iterator[None]:
         yield
     except utils.Interrupted as stop:
         if (run_dir / runs.CHECKPOINT).is_file():
-            launcher = "python" if world_size == 1 else f"torchrun --nproc_per_node {world_size}"
-            stop.note = f"{run_dir} resumes from its last complete epoch with: {launcher} src/train.py --resume {run_dir}"
+            stop.note = f"{run_dir} resumes from its last complete epoch with: {train_py_command(world_size)} --resume {run_dir}"
         else:
             stop.note = f"{run_dir} has no checkpoint (interrupted in its first epoch, or --checkpoint off): start it again"
         raise
@@ -179,8 +183,7 @@ def main(args: Args) -> Path:
     if checkpoint is not None and len(checkpoint["rng"]) != world_size:  # a generator state per process of the run
         processes = len(checkpoint["rng"])
         raise InputError(
-            f"--resume {args.resume}: the run had {processes} process(es), this is {world_size}; "
-            + ("resume it with python src/train.py" if processes == 1 else f"resume it with torchrun --nproc_per_node {processes} src/train.py")
+            f"--resume {args.resume}: the run had {processes} process(es), this is {world_size}; resume it with {train_py_command(processes)}"
         )
 
     # Data first: a wrong path or a bad row fails before any model is downloaded.
@@ -214,7 +217,7 @@ def main(args: Args) -> Path:
         return run_dir
 
     run_dir = args.resume if checkpoint is not None else on_rank_0(start_run_folder, rank, world_size)
-    log(f"run folder: {run_dir}")
+    log(f"{utils.RUN_FOLDER_LINE}{run_dir}")
     log(f"model: {args.model_name} ({num_params:,} parameters) on {device} ({world_size} process(es)), {str(dtype).removeprefix('torch.')}")
     log(trainable_line)
     log(positions)
