@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -26,8 +25,6 @@ import submitit
 import utils
 
 TRAIN_PY = Path(__file__).resolve().with_name("train.py")
-# The line with which train.py names its run folder (in the run's log): a requeued Slurm task finds its run by it.
-RUN_FOLDER_LINE = "run folder: "
 
 
 def command_line(command: Sequence[str]) -> str:
@@ -198,7 +195,7 @@ def last_run_folder(log_path: Path) -> Path | None:
         lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return None
-    folders = [line.removeprefix(RUN_FOLDER_LINE).strip() for line in lines if line.startswith(RUN_FOLDER_LINE)]
+    folders = [line.removeprefix(utils.RUN_FOLDER_LINE).strip() for line in lines if line.startswith(utils.RUN_FOLDER_LINE)]
     return Path(folders[-1]) if folders else None
 
 
@@ -283,7 +280,6 @@ class TaskSignals:
 
     def __init__(self, job_id: str, signal_delay_s: int) -> None:
         self.job_id, self.signal_delay_s = job_id, signal_delay_s
-        self.started = time.monotonic()
         self.terminated = self.timed_out = False
 
     def time_limit_near(self) -> bool:

@@ -217,6 +217,8 @@ def set_seed(seed: int) -> None:
 # --- run folders, as train.py leaves them (runs.py); read here by the stages that do not import torch ---------
 
 CHECKPOINT = "checkpoint.pt"  # a run's state at the end of its last complete epoch (train.py --resume)
+# The line with which train.py names its run folder in its output: a requeued Slurm task finds its run in its log by it.
+RUN_FOLDER_LINE = "run folder: "
 
 
 def is_finished(run_dir: Path) -> bool:
