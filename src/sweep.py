@@ -60,7 +60,7 @@ import runs
 import train_options  # train.py's command line (its Args), which the sweep checks and forwards
 import utils
 from launch import (
-    RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, run_logged, select_options, thread_slot, train_command,
+    RUNNING, TRAIN_PY, Launch, Slot, SlurmRun, Stopping, command_line, has_option, run_logged, select_options, thread_slot, train_command,
 )  # fmt: skip
 from utils import InputError
 
@@ -176,9 +176,8 @@ class Args(Tap):
             self.models = list(PRESETS[self.preset])
         if self.lrs is None:
             self.lrs = list(PRESET_LRS.get(self.preset, DEFAULT_LRS))
-        given = {token.split("=", 1)[0] for token in self.extra_args if token.startswith("--")}
         for option, value in PRESET_TRAIN_OPTIONS.get(self.preset, {}).items():
-            if option not in given:  # forwarded to train.py like the user's own options; the user's win
+            if not has_option(self.extra_args, option):  # forwarded to train.py like the user's own options; the user's win
                 self.extra_args += [option] if value is None else [option, value]
         for name in ("models", "lrs", "seeds", "dataset_dirs"):
             values = getattr(self, name)
