@@ -628,6 +628,9 @@ def cache_key(
         "files": {split: file_digest(path) for split, path in files.items()},
         "layout": layout.to_dict(),
         "token_type_ids": token_type_ids,
+        # Only where texts are joined (decoders): the keys of pairs stay as they were. (Named anew since the
+        # title is truncated apart from the body.)
+        **({"text_separator": encoder.separator} if encoder.separator is not None else {}),
     }  # fmt: skip
 
 
@@ -701,15 +704,13 @@ def os_error(e: OSError) -> str:
 
 
 def through_cache(
-    cache_dir: Path, key_of: Callable[[], dict], sizes: Mapping[str, int], encode_all: Callable[[], dict[str, Encoded]],
-    log: Callable[[str], None],
+    cache_dir: Path, key: dict, sizes: Mapping[str, int], encode_all: Callable[[], dict[str, Encoded]], log: Callable[[str], None],
 ) -> tuple[dict[str, Encoded], str]:
     """The splits from the cache entry, or tokenised now and stored there; (splits, what happened).
 
     The cache is optional: a folder that cannot be made, read or locked, or an entry that cannot
     be written (a full disk), is one warning, and the run goes on with the splits it tokenised.
     """
-    key = key_of()
     path = entry_path(cache_dir, key)
     encoded, _ = read_entry(path, key, sizes)
     if encoded is not None:
@@ -766,11 +767,8 @@ def tokenize_splits(
     if cache_dir is None:
         encoded, status = encode_all(), "tokenised (cache off)"
     else:
-        def key_of() -> dict:
-            key = cache_key(tokenizer, encoder, files, layout, token_type_ids, memo_dir=cache_dir)
-            # Absent for pairs: earlier entries stay valid. (Named anew since the title is truncated apart from the body.)
-            return key if separator is None else {**key, "text_separator": separator}
-        encoded, status = through_cache(cache_dir, key_of, sizes, encode_all, log)
+        key = cache_key(tokenizer, encoder, files, layout, token_type_ids, memo_dir=cache_dir)
+        encoded, status = through_cache(cache_dir, key, sizes, encode_all, log)
     reports = {split: report_truncation(split, part, layout, f"--max_seq_len {layout.max_seq_len}", log) for split, part in encoded.items()}
     log(f"{status}; {sum(sizes.values()):,} examples in {time.perf_counter() - start:.1f} s")
     return {split: part.examples([row["label"] for row in rows[split]]) for split, part in encoded.items()}, reports
