@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+import utils
 from utils import InputError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -181,10 +181,8 @@ def is_adapter_dir(path: Path) -> bool:
 
 def base_model_name(path: Path) -> str:
     """The base model an adapter folder was trained on (adapter_config.json's base_model_name_or_path)."""
-    try:
-        name = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {path / ADAPTER_CONFIG} ({e})") from None
+    config = utils.load_json(path / ADAPTER_CONFIG)  # bad JSON: an InputError naming the file and line
+    name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not name:
         raise InputError(f"{path / ADAPTER_CONFIG} names no base model (base_model_name_or_path): pass --base_model")
     return name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,17 @@ def test_lora_bert_trains_saves_its_adapter_and_predict_reproduces_the_run(
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "vocab.txt"} <= saved and "model.safetensors" not in saved
     assert lora.base_model_name(run_dir / "model") == str(tiny_family_model("bert-word"))
     assert_same_predictions(predict_file(run_dir / "model", dataset_dir, tmp_path / "p.jsonl"), run_dir)
+
+
+def test_an_adapter_folder_without_a_readable_base_model_name_is_refused_with_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "adapter_config.json"
+    config.write_text('{"r": 8,\n "base_model_name_or_path": ', encoding="utf-8")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(config))}: line 2: not valid JSON"):
+        lora.base_model_name(tmp_path)
+    for content in ('{"r": 8}', '["models/base"]'):
+        config.write_text(content, encoding="utf-8")
+        with pytest.raises(InputError, match=rf"^{re.escape(str(config))} names no base model \(base_model_name_or_path\): pass --base_model$"):
+            lora.base_model_name(tmp_path)
 
 
 def test_lora_in_bf16_meets_its_fp32_head_through_autocast(tiny_family_model, dataset_dir: Path, tmp_path: Path) -> None:
