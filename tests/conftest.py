@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from fake_corpus import write_corpus  # noqa: E402
 from tiny_bert import build_tiny_bert, read_texts  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 ARTICLES_PER_CATEGORY = 30  # 270 articles: train 216 / val 27 / test 27
 
 
@@ -64,6 +67,46 @@ TINY_TRAINING = [
     "--max_seq_len", "64", "--num_workers", "1", "--device", "cpu",
     "--tokenized_cache", "off",  # no cache in the working folder; tests of the cache give their own folder
 ]  # fmt: skip
+ONE_EPOCH = [*TINY_TRAINING, "--epochs", "1"]
+
+
+def train_argv(model_dir: Path, dataset_dir: Path, output_root: Path, *extra: str) -> list[str]:
+    """train.py's arguments for a tiny model on a fixture dataset with TINY_TRAINING; later flags override earlier ones."""
+    return ["--model_name", str(model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root), *TINY_TRAINING, *extra]
+
+
+def train_under_torchrun(models: dict[str, Path], output_root: Path, train_args: list[str]) -> dict[str, tuple[Path, str]]:
+    """Each family's model trained by 2 processes (gloo), all in one torchrun launch (tests/torchrun_families.py):
+    {family: (its run folder under OUTPUT_ROOT/<family>, its log)}."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "tests" / "torchrun_families.py"), str(output_root), *(f"{family}={path}" for family, path in models.items()),
+        "--", *train_args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    logs = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
+    return {family: (next((output_root / family).glob("*/*/*")), logs[family]) for family in models}
+
+
+def predict_test_split(model_dir: Path, dataset_dir: Path, output: Path) -> list[dict]:
+    """predict.py on the dataset's test.jsonl, on the CPU."""
+    import predict
+
+    return predict.main(predict.Args().parse_args([
+        "--model_dir", str(model_dir), "--input_file", str(dataset_dir / "test.jsonl"), "--output_file", str(output),
+        "--device", "cpu", "--num_workers", "1",
+    ]))  # fmt: skip
+
+
+def assert_same_predictions(predictions: list[dict], run_dir: Path) -> None:
+    """predict.py's output is the run's own test predictions (classes and probabilities)."""
+    import utils
+
+    run_predictions = utils.load_jsonl(run_dir / "test-predictions.jsonl")
+    assert [p["pred_id"] for p in predictions] == [p["pred"] for p in run_predictions]
+    for ours, theirs in zip(predictions, run_predictions):
+        assert list(ours["probs"].values()) == pytest.approx(theirs["probs"], abs=1e-4)
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +115,7 @@ def make_train_args(tiny_model_dir: Path, dataset_dir: Path):
     import train_options
 
     def make(output_root: Path, *extra: str) -> "train_options.Args":
-        base = ["--model_name", str(tiny_model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root)]
-        return train_options.Args().parse_args([*base, *TINY_TRAINING, *extra])
+        return train_options.Args().parse_args(train_argv(tiny_model_dir, dataset_dir, output_root, *extra))
 
     return make
 

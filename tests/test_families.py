@@ -10,10 +10,7 @@ torchrun is tested in test_scale.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,42 +19,23 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import data
 import modeling
-import predict
 import train
 import train_options
 import utils
-from conftest import TINY_TRAINING
+from conftest import ONE_EPOCH, assert_same_predictions, predict_test_split, train_argv, train_under_torchrun
 from tiny_models import FAMILIES
 from utils import InputError
 
-REPO = Path(__file__).resolve().parents[1]
 # Text-only input never reaches LUKE's entity embeddings nor its entity-aware attention queries.
 ENTITY_ONLY = ("entity", "w2e_query", "e2w_query", "e2e_query")
-
-
-ONE_EPOCH = [*TINY_TRAINING, "--epochs", "1"]
-
-
-def family_args(model_dir: Path, dataset_dir: Path, output_root: Path, *extra: str) -> list[str]:
-    base = ["--model_name", str(model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root)]
-    return [*base, *ONE_EPOCH, *extra]
 
 
 @pytest.fixture(scope="module")
 def torchrun_runs(tiny_family_model, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     """Every family trained by 2 processes (gloo) with --save_model, in one torchrun launch: {family: (run folder, its log)}."""
-    output_root = tmp_path_factory.mktemp("torchrun")
-    models = [f"{family}={tiny_family_model(family)}" for family in FAMILIES]
+    models = {family: tiny_family_model(family) for family in FAMILIES}
     train_args = ["--dataset_dir", str(dataset_dir), *ONE_EPOCH, "--batch_size", "4", "--save_model"]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO / "tests" / "torchrun_families.py"), str(output_root), *models, "--", *train_args,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    logs = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
-    runs = {family: (next((output_root / family).glob("*/*/*"), None), logs.get(family, "")) for family in FAMILIES}
-    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return runs
+    return train_under_torchrun(models, tmp_path_factory.mktemp("torchrun"), train_args)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -80,17 +58,11 @@ def test_family_trains_under_torchrun_saves_predicts_and_trains_alone(
     assert frozen == (family in ("luke", "mluke")), log  # only LUKE has parameters that text never reaches
 
     # predict.py on the saved model gives the run's own test predictions.
-    predictions = predict.main(predict.Args().parse_args([
-        "--model_dir", str(run_dir / "model"), "--input_file", str(dataset_dir / "test.jsonl"),
-        "--output_file", str(tmp_path / "predictions.jsonl"), "--device", "cpu", "--num_workers", "1",
-    ]))  # fmt: skip
-    assert [p["pred_id"] for p in predictions] == [p["pred"] for p in run_predictions]
-    for ours, theirs in zip(predictions, run_predictions):
-        assert list(ours["probs"].values()) == pytest.approx(theirs["probs"], abs=1e-4)
+    assert_same_predictions(predict_test_split(run_dir / "model", dataset_dir, tmp_path / "predictions.jsonl"), run_dir)
 
     # One process, in-process.
     capsys.readouterr()
-    single = train.main(train_options.Args().parse_args(family_args(model_dir, dataset_dir, tmp_path / "single")))
+    single = train.main(train_options.Args().parse_args(train_argv(model_dir, dataset_dir, tmp_path / "single", "--epochs", "1")))
     assert utils.load_json(single / "config.json")["environment"]["world_size"] == 1
     assert [int(row["epoch"]) for row in read_log(single)] == [0, 1]
     assert set(utils.load_json(single / "test-metrics.json")) == {"loss", "accuracy", "precision", "recall", "f1"}
@@ -172,7 +144,7 @@ def test_max_seq_len_beyond_the_position_embeddings_is_one_clear_error(tiny_fami
     for family, length in (("bert-word", 1024), ("xlm-roberta", 513)):
         model_dir = tiny_family_model(family)
         with pytest.raises(InputError) as e:
-            train.main(train_options.Args().parse_args(family_args(model_dir, dataset_dir, tmp_path, "--max_seq_len", str(length))))
+            train.main(train_options.Args().parse_args(train_argv(model_dir, dataset_dir, tmp_path, "--epochs", "1", "--max_seq_len", str(length))))
         assert str(e.value) == (
             f"--max_seq_len {length} is longer than {model_dir} takes: its position embeddings hold 512 tokens; use --max_seq_len 512 or less"
         )
@@ -196,7 +168,7 @@ def test_long_context_model_takes_long_inputs(tiny_family_model, dataset_dir: Pa
     row = utils.load_jsonl(long_data / "train.jsonl")[0]
     assert len(tokenizer(row["title"], row["body"])["input_ids"]) > 1024  # truncated at 1024, not 512
 
-    run_dir = train.main(train_options.Args().parse_args(family_args(model_dir, long_data, tmp_path / "out", "--max_seq_len", "1024", "--batch_size", "4")))
+    run_dir = train.main(train_options.Args().parse_args(train_argv(model_dir, long_data, tmp_path / "out", "--epochs", "1", "--max_seq_len", "1024", "--batch_size", "4")))
     assert (run_dir / "test-metrics.json").exists()
     assert "positions: rotary or relative (no table), trained up to 8192 tokens" in capsys.readouterr().out
 
@@ -215,7 +187,7 @@ def two_class_checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPath
 
 def test_head_of_another_size_is_refused_clearly(two_class_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError) as e:
-        train.main(train_options.Args().parse_args(family_args(two_class_checkpoint, dataset_dir, tmp_path)))
+        train.main(train_options.Args().parse_args(train_argv(two_class_checkpoint, dataset_dir, tmp_path, "--epochs", "1")))
     assert str(e.value) == (
         f"{two_class_checkpoint} already has a classification head of another size (classifier.bias [2] -> [9], "
         "classifier.weight [2, 32] -> [9, 32] for 9 labels): pass --reinit_head to replace it with a new, randomly "
@@ -247,7 +219,7 @@ def test_tokenizer_that_cannot_be_built_is_one_line(tiny_model_dir: Path, datase
     config["subword_tokenizer_type"] = "no-such-subword-tokenizer"
     (broken / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(InputError) as e:
-        train.main(train_options.Args().parse_args(family_args(broken, dataset_dir, tmp_path / "out")))
+        train.main(train_options.Args().parse_args(train_argv(broken, dataset_dir, tmp_path / "out", "--epochs", "1")))
     assert str(e.value).startswith(f"cannot load the tokenizer or model of {str(broken)!r}: ValueError: ")
     assert "no-such-subword-tokenizer" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()

@@ -9,10 +9,7 @@ that adapter, and one process with gradient checkpointing saving a merged model,
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,39 +19,20 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import data
 import lora
 import modeling
-import predict
 import tokenization
 import train
 import train_options
 import utils
-from conftest import TINY_TRAINING
-from tiny_models import DECODER_FAMILIES, FAMILIES
+from conftest import ONE_EPOCH, assert_same_predictions, predict_test_split, train_argv, train_under_torchrun
+from tiny_models import ALL_FAMILIES, DECODER_FAMILIES
 from utils import InputError
 
-REPO = Path(__file__).resolve().parents[1]
-ONE_EPOCH = [*TINY_TRAINING, "--epochs", "1"]
 LORA = ["--lora_r", "8", "--lora_alpha", "16"]
 LABEL2ID = {f"c{i}": i for i in range(9)}
 
 
 def run_args(model_dir: Path, dataset_dir: Path, output_root: Path, *extra: str) -> train_options.Args:
-    base = ["--model_name", str(model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root)]
-    return train_options.Args().parse_args([*base, *ONE_EPOCH, *extra])
-
-
-def predict_file(model_dir: Path, dataset_dir: Path, output: Path) -> list[dict]:
-    return predict.main(predict.Args().parse_args([
-        "--model_dir", str(model_dir), "--input_file", str(dataset_dir / "test.jsonl"), "--output_file", str(output),
-        "--device", "cpu", "--num_workers", "1",
-    ]))  # fmt: skip
-
-
-def assert_same_predictions(predictions: list[dict], run_dir: Path) -> None:
-    """predict.py's output is the run's own test predictions (classes and probabilities)."""
-    run_predictions = utils.load_jsonl(run_dir / "test-predictions.jsonl")
-    assert [p["pred_id"] for p in predictions] == [p["pred"] for p in run_predictions]
-    for ours, theirs in zip(predictions, run_predictions):
-        assert list(ours["probs"].values()) == pytest.approx(theirs["probs"], abs=1e-4)
+    return train_options.Args().parse_args(train_argv(model_dir, dataset_dir, output_root, "--epochs", "1", *extra))
 
 
 def assert_padded_row_is_read_at_its_last_real_token(tokenizer, model) -> None:
@@ -102,7 +80,7 @@ def linear_layers_of_the_stacks(model) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *DECODER_FAMILIES])
+@pytest.mark.parametrize("family", list(ALL_FAMILIES))
 def test_adapters_go_on_the_blocks_the_text_reaches_in_every_family(family: str, tiny_family_model) -> None:
     """Text-only models: every Linear of their stacks of blocks. Multimodal Gemma 3: its language model's only,
     not its vision tower's, which text never reaches (the probe step would freeze those adapters)."""
@@ -230,7 +208,7 @@ def test_lora_bert_trains_saves_its_adapter_and_predict_reproduces_the_run(
     saved = {p.name for p in (run_dir / "model").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "vocab.txt"} <= saved and "model.safetensors" not in saved
     assert lora.base_model_name(run_dir / "model") == str(tiny_family_model("bert-word"))
-    assert_same_predictions(predict_file(run_dir / "model", dataset_dir, tmp_path / "p.jsonl"), run_dir)
+    assert_same_predictions(predict_test_split(run_dir / "model", dataset_dir, tmp_path / "p.jsonl"), run_dir)
 
 
 def test_an_adapter_folder_without_a_readable_base_model_name_is_refused_with_the_file(tmp_path: Path) -> None:
@@ -258,17 +236,9 @@ def test_lora_in_bf16_meets_its_fp32_head_through_autocast(tiny_family_model, da
 @pytest.fixture(scope="module")
 def torchrun_lora_runs(tiny_family_model, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     """Every decoder family trained with LoRA by 2 processes (gloo), saving the adapter, in one torchrun launch."""
-    output_root = tmp_path_factory.mktemp("torchrun-lora")
-    models = [f"{family}={tiny_family_model(family)}" for family in DECODER_FAMILIES]
+    models = {family: tiny_family_model(family) for family in DECODER_FAMILIES}
     train_args = ["--dataset_dir", str(dataset_dir), *ONE_EPOCH, "--batch_size", "4", *LORA, "--save_model"]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO / "tests" / "torchrun_families.py"), str(output_root), *models, "--", *train_args,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    logs = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
-    return {family: (next((output_root / family).glob("*/*/*")), logs[family]) for family in DECODER_FAMILIES}
+    return train_under_torchrun(models, tmp_path_factory.mktemp("torchrun-lora"), train_args)
 
 
 @pytest.mark.slow
@@ -287,14 +257,14 @@ def test_decoder_family_with_lora_under_torchrun_alone_saved_and_merged(
     # The adapter folder: adapters and head, the base model's name; predict.py puts them back on the base.
     assert "model.safetensors" not in {p.name for p in (run_dir / "model").iterdir()}
     assert lora.base_model_name(run_dir / "model") == str(model_dir)
-    assert_same_predictions(predict_file(run_dir / "model", dataset_dir, tmp_path / "adapter.jsonl"), run_dir)
+    assert_same_predictions(predict_test_split(run_dir / "model", dataset_dir, tmp_path / "adapter.jsonl"), run_dir)
 
     # 1 process, gradient checkpointing, the adapters merged into a plain full model.
     single = train.main(run_args(model_dir, dataset_dir, tmp_path / "single", *LORA, "--gradient_checkpointing", "--save_model", "--merge_lora"))
     assert utils.load_json(single / "config.json")["environment"]["world_size"] == 1
     saved = {p.name for p in (single / "model").iterdir()}
     assert "model.safetensors" in saved and "adapter_config.json" not in saved
-    assert_same_predictions(predict_file(single / "model", dataset_dir, tmp_path / "merged.jsonl"), single)
+    assert_same_predictions(predict_test_split(single / "model", dataset_dir, tmp_path / "merged.jsonl"), single)
 
 
 # --- sweep and aggregate ----------------------------------------------------------------------

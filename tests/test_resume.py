@@ -3,7 +3,6 @@ results an uninterrupted run gets; Ctrl-C and SIGTERM end train.py in one line a
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,23 +15,18 @@ import runs
 import train
 import train_options
 import utils
-from conftest import TINY_TRAINING, read_csv
+from conftest import REPO, read_csv, train_argv
 from utils import InputError
 
-REPO = Path(__file__).resolve().parents[1]
 METRIC_COLUMNS = ("epoch", "train_loss", "loss", "accuracy", "precision", "recall", "f1", "lr")  # log.csv less its timing columns
 RESULT_FILES = ("val-metrics.json", "test-metrics.json", "test-predictions.jsonl", "test-per-class.csv", "test-confusion-matrix.csv")
-
-
-def train_argv(model_dir: Path, dataset_dir: Path, output_root: Path, *extra: str) -> list[str]:
-    return ["--model_name", str(model_dir), "--dataset_dir", str(dataset_dir), "--output_root", str(output_root), *TINY_TRAINING, *extra]
 
 
 def interrupted_run(signal_name: str, epoch: int, argv: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     """train.py's command line, sent `signal_name` just before it writes the checkpoint of `epoch` (tests/interrupt_train.py)."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     command = [*launcher, str(REPO / "tests" / "interrupt_train.py"), signal_name, str(epoch), *argv]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 def metric_rows(run_dir: Path) -> list[list[str]]:
@@ -170,12 +164,11 @@ def test_under_torchrun_every_rank_resumes_and_rank_0_writes(tiny_model_dir: Pat
         shutil.copy(run_dir / name, two_processes)
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "src" / "train.py")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    resumed = subprocess.run([*torchrun, "--resume", str(run_dir)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    resumed = subprocess.run([*torchrun, "--resume", str(run_dir)], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count(f"resumed {run_dir} from epoch 1 of 3") == 1  # rank 0 prints (and writes)
     whole = subprocess.run(
-        [*torchrun, *train_argv(tiny_model_dir, dataset_dir, tmp_path / "whole", "--epochs", "3")], capture_output=True, cwd=REPO, env=env, timeout=600
+        [*torchrun, *train_argv(tiny_model_dir, dataset_dir, tmp_path / "whole", "--epochs", "3")], capture_output=True, cwd=REPO, timeout=600
     )
     assert whole.returncode == 0
     (uninterrupted,) = (tmp_path / "whole").glob("*/*/*")

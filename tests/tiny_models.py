@@ -349,17 +349,23 @@ def build_qwen3(texts: list[str], output_dir: Path, hidden_size: int, num_layers
     )
 
 
+def gemma3_text_settings(tokenizer: Any, hidden_size: int, num_layers: int) -> dict[str, Any]:
+    """Gemma 3's language model at a tiny size, as text-only and multimodal checkpoints both have it: the tokenizer's
+    own <pad>, local (sliding-window) and global attention layers alternating, here one of each."""
+    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    return {
+        "pad_token_id": tokenizer.pad_token_id, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
+        "layer_types": layer_types, **decoder_sizes(hidden_size, num_layers),
+    }  # fmt: skip
+
+
 def build_gemma3(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
     """google/gemma-3-1b-it (model_type gemma3_text): GemmaTokenizer with <bos> first and a <pad> of its own (id 0,
     not eos), which the config names; local (sliding-window) and global attention layers, here one of each."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     tokenizer = gemma_tokenizer(texts, output_dir)
-    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
-    return save_decoder(
-        Gemma3TextConfig, Gemma3ForCausalLM, tokenizer, output_dir, seed, pad_token_id=tokenizer.pad_token_id, head_dim=16,
-        query_pre_attn_scalar=16, sliding_window=16, layer_types=layer_types, **decoder_sizes(hidden_size, num_layers),
-    )  # fmt: skip
+    return save_decoder(Gemma3TextConfig, Gemma3ForCausalLM, tokenizer, output_dir, seed, **gemma3_text_settings(tokenizer, hidden_size, num_layers))
 
 
 def build_gemma3_vision(texts: list[str], output_dir: Path, hidden_size: int, num_layers: int, seed: int) -> Path:
@@ -369,10 +375,9 @@ def build_gemma3_vision(texts: list[str], output_dir: Path, hidden_size: int, nu
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
     tokenizer = gemma_tokenizer(texts, output_dir, image_tokens=True)
-    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
     text_config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        head_dim=16, query_pre_attn_scalar=16, sliding_window=16, layer_types=layer_types, **decoder_sizes(hidden_size, num_layers),
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **gemma3_text_settings(tokenizer, hidden_size, num_layers),
     )  # fmt: skip
     # 16x16 images in 4x4 patches, pooled to 2x2 = 4 tokens an image (the hub's: 896 / 14 = 64 patches a side, 256 tokens).
     vision_config = SiglipVisionConfig(
@@ -414,6 +419,7 @@ DECODER_FAMILIES: dict[str, tuple[Builder, str, str]] = {
     "gemma3": (build_gemma3, "GemmaTokenizer", "google/gemma-3-1b-it"),
     "gemma3-vision": (build_gemma3_vision, "GemmaTokenizer", "google/gemma-3-4b-it, google/gemma-3-12b-it, google/gemma-3-27b-it"),
 }
+ALL_FAMILIES = {**FAMILIES, **DECODER_FAMILIES}
 
 
 def build_tiny_model(family: str, texts: list[str], output_dir: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
@@ -424,14 +430,14 @@ def build_tiny_model(family: str, texts: list[str], output_dir: Path, hidden_siz
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    builder, _, _ = {**FAMILIES, **DECODER_FAMILIES}[family]
+    builder, _, _ = ALL_FAMILIES[family]
     with atomic_dir(output_dir) as tmp:
         builder(texts, tmp, hidden_size, num_layers, seed)
     return output_dir
 
 
 class Args(Tap):
-    family: str  # one of FAMILIES (bert-word, bert-char, mbert, xlm-roberta, luke, mluke, modernbert, deberta-v2) or DECODER_FAMILIES (llama, qwen2, mistral, gemma2, qwen3, gemma3, gemma3-vision)
+    family: str  # an encoder family of FAMILIES or a decoder LLM family of DECODER_FAMILIES (--help lists the choices)
     dataset_dir: Path = Path("datasets/livedoor")  # a prepared dataset; its train.jsonl gives the vocabulary
     output_dir: Path  # where the model and tokenizer are saved
     hidden_size: int = 32  # width of the model (base models: 768)
@@ -439,10 +445,10 @@ class Args(Tap):
     seed: int = 0  # seed of the random weights
 
     def configure(self) -> None:
-        self.add_argument("--family", choices=[*FAMILIES, *DECODER_FAMILIES])
+        self.add_argument("--family", choices=list(ALL_FAMILIES))
 
 
 if __name__ == "__main__":
     args = Args().parse_args()
     build_tiny_model(args.family, read_texts(args.dataset_dir), args.output_dir, args.hidden_size, args.num_layers, args.seed)
-    print(f"saved a tiny {args.family} ({({**FAMILIES, **DECODER_FAMILIES})[args.family][1]}) to {args.output_dir}")
+    print(f"saved a tiny {args.family} ({ALL_FAMILIES[args.family][1]}) to {args.output_dir}")
