@@ -629,6 +629,7 @@ def test_a_signal_is_passed_on_to_every_run_and_stops_the_sweep(signum: int, tin
     script = tmp_path / "fake_run.py"
     script.write_text(FAKE_RUN, encoding="utf-8")
     pids = []
+    handlers = {s: signal.getsignal(s) for s in sweep.STOP_SIGNALS}
 
     def fake_train(launch_: sweep.Launch, slot: sweep.Slot) -> int:
         said = tmp_path / f"{launch_.log_path.stem}.said"
@@ -656,9 +657,9 @@ def test_a_signal_is_passed_on_to_every_run_and_stops_the_sweep(signum: int, tin
     assert len(pids) == 2 and not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
     assert all(os.getpgid(os.getpid()) != pid for pid in pids)
     out = capsys.readouterr().out
-    assert f"running train.py run(s), which stop and keep their checkpoints; waiting for them" in out
+    assert "running train.py run(s), which stop and keep their checkpoints; waiting for them" in out
     assert out.count(f"] stopped (exit code {128 + signum}) after ") == 2
-    assert signal.getsignal(signal.SIGTERM) is not sweep.SignalRelay.handle  # the handlers are restored
+    assert {s: signal.getsignal(s) for s in sweep.STOP_SIGNALS} == handlers  # the sweep's relay is gone: the handlers are restored
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
