@@ -24,11 +24,10 @@ import bench_env  # noqa: F401 (first: src/ and tests/ on the path, the environm
 import torch  # noqa: E402
 from tap import Tap  # noqa: E402
 from transformers import AutoModelForSequenceClassification, BertConfig, LukeConfig, PretrainedConfig  # noqa: E402
-from transformers.optimization import get_linear_schedule_with_warmup  # noqa: E402
 
 import modeling  # noqa: E402
 import runs  # noqa: E402
-import train  # noqa: E402 (its clone_state: the best weights as a run keeps them)
+import train  # noqa: E402 (its clone_state and linear_schedule: the best weights and the schedule as a run keeps them)
 
 # The configs of the hub models (as their config.json files have them), for the sizes alone.
 CONFIGS: dict[str, tuple[str, PretrainedConfig]] = {
@@ -65,7 +64,7 @@ class Args(Tap):
     epochs: int = 20  # log rows in the checkpoint (the default run's 20 epochs + epoch 0)
 
 
-def measure(name: str, config: PretrainedConfig, output_dir: Path, epochs: int) -> dict[str, float]:
+def measure(config: PretrainedConfig, output_dir: Path, epochs: int) -> dict[str, float]:
     config.num_labels = 9
     model = AutoModelForSequenceClassification.from_config(config)
     batch = {"input_ids": torch.randint(5, min(1000, config.vocab_size), (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
@@ -79,7 +78,7 @@ def measure(name: str, config: PretrainedConfig, output_dir: Path, epochs: int) 
             p.grad = torch.zeros_like(p)
     optimizer.step()  # AdamW's exp_avg and exp_avg_sq for every trainable parameter
     optimizer.zero_grad(set_to_none=True)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 2, epochs)
+    scheduler = train.linear_schedule(optimizer, 2, epochs)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     best = train.clone_state(model)
     rows = [{"epoch": e, "train_loss": 0.5, "loss": 0.5, "accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "lr": 3e-5,
@@ -109,7 +108,7 @@ def main(args: Args) -> dict[str, dict[str, float]]:
         results = {}
         for name in args.models:
             hub_name, config = CONFIGS[name]
-            m = results[name] = measure(name, config, output_dir, args.epochs)
+            m = results[name] = measure(config, output_dir, args.epochs)
             print(
                 f"{hub_name:<40} {m['params']:>13,} {m['trainable']:>13,} {m['bytes']:>19,} {m['bytes'] / 1e9:>6.2f} "
                 f"{m['bytes'] / m['params']:>11.1f} {m['seconds']:>8.1f}",

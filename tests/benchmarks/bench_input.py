@@ -115,10 +115,8 @@ def measure(start_seconds: float, loader: DataLoader, epochs: int) -> dict[str, 
     documents = times[0][1]
     later = sum(seconds for seconds, _ in times[1:])
     return {
-        "start_seconds": start_seconds,
         "first": documents / (start_seconds + times[0][0]),
         "later": documents * (epochs - 1) / later if epochs > 1 else math.nan,
-        "pad_only": documents * epochs / sum(seconds for seconds, _ in times),
     }
 
 
@@ -220,7 +218,7 @@ def gpu_documents_per_s(max_seq_len: int) -> Iterable[tuple[int, float]]:
         yield from ((batch, tokens / GPU_SEQ_LEN) for batch, tokens in GPU_TOKENS_PER_S.items())
 
 
-def report(args: Args, tokenizer: PreTrainedTokenizerBase, rows: list[dict], results: dict[int, dict], mean_tokens: dict[int, float]) -> str:
+def report(args: Args, tokenizer: PreTrainedTokenizerBase, rows: list[dict], results: dict[int, dict]) -> str:
     command = "poetry run python tests/benchmarks/bench_input.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
     mean_chars = sum(len(row["body"]) for row in rows) / len(rows)
     workers = "in this process (one core)" if args.reference_workers == 0 else f"{args.reference_workers} DataLoader workers"
@@ -244,7 +242,7 @@ def report(args: Args, tokenizer: PreTrainedTokenizerBase, rows: list[dict], res
     lines.append("")
     for max_seq_len, result in results.items():
         same = "yes" if result["same_ids"]["value"] else "NO"
-        lines.append(f"max_seq_len {max_seq_len}: {mean_tokens[max_seq_len]:.0f} tokens/document; fast path and tokenizer's own code gave identical ids: {same}")
+        lines.append(f"max_seq_len {max_seq_len}: {result['tokens']['mean']:.0f} tokens/document; fast path and tokenizer's own code gave identical ids: {same}")
         for batch, needed in gpu_documents_per_s(max_seq_len):
             starving = [NAMES[key].split(":")[0] for key in ("reference", "cold_fast", "cold_slow", "cached") if result[key]["later" if args.epochs > 1 else "first"] < needed]
             lines.append(
@@ -263,12 +261,11 @@ def main(args: Args) -> dict[int, dict[str, dict[str, float]]]:
         print("preparing the documents and the tokenizer ...", flush=True)
         rows, path, model_name = source(args, work_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-        results, mean_tokens = {}, {}
+        results = {}
         for max_seq_len in args.max_seq_lens:
             print(f"max_seq_len {max_seq_len}:", flush=True)
             results[max_seq_len] = pipelines(rows, path, tokenizer, max_seq_len, work_dir, args)
-            mean_tokens[max_seq_len] = results[max_seq_len]["tokens"]["mean"]
-        print(report(args, tokenizer, rows, results, mean_tokens))
+        print(report(args, tokenizer, rows, results))
     return results
 
 

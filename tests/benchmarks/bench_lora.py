@@ -29,7 +29,6 @@ import data  # noqa: E402
 import lora  # noqa: E402
 import modeling  # noqa: E402
 from fake_corpus import write_corpus  # noqa: E402
-from tiny_bert import read_texts  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
 

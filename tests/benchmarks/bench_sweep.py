@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import platform
 import tempfile
 import time
@@ -30,6 +29,7 @@ from tap import Tap  # noqa: E402
 
 import prepare  # noqa: E402
 import sweep  # noqa: E402
+import utils  # noqa: E402
 from fake_corpus import write_corpus  # noqa: E402
 from tiny_bert import build_tiny_bert, read_texts  # noqa: E402
 
@@ -80,7 +80,7 @@ def main(args: Args) -> dict[int, list[float]]:
         model_dir = build_tiny_bert(read_texts(dataset_dir), work_dir / "models" / "tiny-bert")
         lrs = [f"{5e-3 / (i + 1):.3g}" for i in range(args.runs)]
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = utils.available_cpus()
         print(
             f"sweep benchmark: {args.runs} tiny runs ({args.epochs} epochs each) on {args.device}, {cores} CPU cores, "
             f"{platform.processor() or platform.machine()}; {args.rounds} round(s), the --jobs order reversed every other round"
