@@ -296,14 +296,7 @@ def check_predict(ctx: Context) -> str:
     return f"{len(ours)} predictions = the run's own; probabilities differ by {gap:.2g} at most"
 
 
-def lora_available(ctx: Context) -> None:
-    result = ctx.run([PYTHON, "src/train.py", "--help"], limit=120)
-    if "--lora_r" not in result.stdout:
-        raise Skipped("LoRA not in this train.py")
-
-
 def check_lora(ctx: Context) -> str:
-    lora_available(ctx)
     figures = []
     for name, model in (("bert", ctx.setup["tiny_bert"]), ("llama", ctx.setup["tiny_decoder"])):
         run_dir = ctx.train(f"lora-{name}", model, ctx.setup["dataset"], "--dtype", "bf16", "--lora_r", "4", limit=150)
