@@ -9,7 +9,10 @@ import csv
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,6 +129,19 @@ def finished_run(make_train_args, tmp_path_factory: pytest.TempPathFactory) -> P
     import train
 
     return train.main(make_train_args(tmp_path_factory.mktemp("outputs"), "--save_model"))
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5, alive: Callable[[], bool] = lambda: True) -> Any:
+    """Poll CONDITION every INTERVAL seconds until it returns something true, and return that. The test fails after
+    TIMEOUT seconds, or as soon as ALIVE says that what was to bring it about (a thread, a process) has ended."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if not alive():
+            pytest.fail(f"ended before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+    return value
 
 
 def need_cluster(problem: str | None, variable: str) -> None:

@@ -529,7 +529,6 @@ def test_truncation_is_a_setting_and_older_runs_kept_the_head(tmp_path: Path, ca
     assert "truncation_report" not in all_runs.columns
     best = pd.read_csv(tmp_path / "results" / "best.csv")
     assert best.loc[0, "truncation"] == "head_tail" and best.loc[0, "head_tokens"] == 128 and best.loc[0, "n_runs"] == 2
-    assert aggregate.setting_of({"lr": 1e-5}) == aggregate.setting_of({"lr": 1e-5, "truncation": "head", "head_tokens": None})
 
 
 # --- copies and tasks -------------------------------------------------------------------------

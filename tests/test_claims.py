@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 
 import claims
-import launch
 import sweep
 import utils
 from test_sweep import FORWARDED, LRS, SEEDS, finished_runs, in_process, plan, sweep_args
@@ -311,12 +310,6 @@ def test_a_claimed_run_resumes_its_checkpointed_folder(tiny_model_dir: Path, dat
     utils.save_json(config, run_dir / "config.json")
     (run_dir / "test-metrics.json").write_text("{}", encoding="utf-8")
     assert sweep.resumable_run(args.output_root, combination, sweep.setting_key(config)) is None
-
-
-def test_forwarded_options_are_cut_into_groups() -> None:
-    assert launch.option_groups(["--epochs", "1", "--text_fields", "title", "body", "--device=cpu", "--save_model"]) == [
-        ["--epochs", "1"], ["--text_fields", "title", "body"], ["--device=cpu"], ["--save_model"],
-    ]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +23,7 @@ import pytest
 import claims
 import sweep
 import utils
-from conftest import need_cluster
+from conftest import need_cluster, wait_for
 from test_sweep import FORWARDED, finished_runs, in_process, plan, sweep_args
 
 pytestmark = pytest.mark.slow
@@ -98,14 +97,6 @@ def test_an_array_of_one_sweep_command_runs_each_combination_once(tiny_model_dir
     assert {r["pid"] for r in records} == {int(m.group(1)) for m in ran}
     # The task that ended last aggregated every run.
     assert len(pd.read_csv(tmp_path / "results" / "all.csv")) == 4
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_a_job_killed_while_holding_a_claim_is_taken_over(tiny_model_dir: Path, dataset_dir: Path, tmp_path: Path, capsys) -> None:

@@ -186,8 +186,7 @@ def test_a_single_text_model_reads_whole_lines(model_dir: Path, test_rows: list[
 
 
 def test_input_layout_comes_from_the_config() -> None:
-    assert predict.input_layout(PretrainedConfig()) == InputLayout(("title", "body"), 512, "head")  # models saved without it
-    assert predict.input_layout(PretrainedConfig(text_fields=["text"], max_seq_len=128)) == InputLayout(("text",), 128, "head")
+    """InputLayout.of reads it (older configs: test_tokenization.py); predict.py names config.json in its errors."""
     assert predict.input_layout(PretrainedConfig(truncation="head_tail", head_tokens=20)) == InputLayout(("title", "body"), 512, "head_tail", 20)
     with pytest.raises(InputError, match="^config.json: text_fields must be one field name or two"):
         predict.input_layout(PretrainedConfig(text_fields=["a", "b", "c"]))

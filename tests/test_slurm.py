@@ -20,7 +20,7 @@ import pytest
 
 import sweep
 import utils
-from conftest import need_cluster
+from conftest import need_cluster, wait_for
 from test_sweep import FORWARDED, finished_runs, plan
 
 TINY_LRS = ["5e-3", "1e-3"]
@@ -121,9 +121,7 @@ def test_a_cancelled_array_is_reported_and_a_rerun_submits_only_what_is_missing(
 
     thread = threading.Thread(target=waiting_sweep)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not (queued := squeue(comment)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    queued = wait_for(lambda: squeue(comment), 60, "the sweep's task in Slurm's queue")
     assert len(queued) == 1  # only the missing lr was submitted
     time.sleep(2)
     assert thread.is_alive()  # the sweep waits for a task that is still queued
@@ -226,19 +224,18 @@ def test_requeued_tasks_resume_their_runs(tiny_model_dir: Path, dataset_dir: Pat
     try:
         # Once each run has the checkpoint of an epoch (and still trains).
         deadline = time.monotonic() + 240
-        while None in (folders := [run_folder_of_task(tmp_path / "outputs", task) for task in "01"]) or not all(
-            (run / "checkpoint.pt").exists() for run in folders
-        ):
-            assert time.monotonic() < deadline and thread.is_alive(), "the tasks never wrote checkpoints"
-            time.sleep(0.2)
+
+        def checkpointed_runs() -> list[Path]:
+            found = [run_folder_of_task(tmp_path / "outputs", task) for task in "01"]
+            return found if None not in found and all((run / "checkpoint.pt").exists() for run in found) else []
+
+        folders = wait_for(checkpointed_runs, 240, "a checkpoint in each task's run", interval=0.2, alive=thread.is_alive)
         tasks = sorted(squeue(comment))
         subprocess.run(["scontrol", "requeue", tasks[0]], check=True)
         subprocess.run(["scancel", "--signal=USR2", tasks[1]], check=True)
         # Slurm holds a requeued job for a couple of minutes (BeginTime): let them start again at once.
         for task in tasks:
-            while state_of(task) != "PENDING":
-                assert time.monotonic() < deadline, f"{task} never went back to pending"
-                time.sleep(0.2)
+            wait_for(lambda: state_of(task) == "PENDING", deadline - time.monotonic(), f"{task} to go back to pending", interval=0.2)  # noqa: B023
             subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
         thread.join(timeout=300)
     finally:

@@ -26,7 +26,7 @@ import sweep
 import train
 import train_options
 import utils
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, wait_for
 from utils import InputError
 
 # The tiny model's settings, for 1 epoch, without --lr: the learning rate is an axis of the sweep.
@@ -699,10 +699,11 @@ def test_sigterm_to_the_sweep_command_stops_every_train_py_and_a_rerun_resumes_t
     process = subprocess.Popen([sys.executable, sweep.__file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Once both runs have finished an epoch (a checkpoint each), they are inside their training.
-        deadline = time.monotonic() + 240
-        while len(checkpoints := list((tmp_path / "outputs").glob("*/*/*/checkpoint.pt"))) < 2:
-            assert time.monotonic() < deadline and process.poll() is None, "the runs never reached their first checkpoint"
-            time.sleep(0.1)
+        def both_checkpoints() -> list[Path]:
+            found = list((tmp_path / "outputs").glob("*/*/*/checkpoint.pt"))
+            return found if len(found) >= 2 else []
+
+        checkpoints = wait_for(both_checkpoints, 240, "a checkpoint of each run", interval=0.1, alive=lambda: process.poll() is None)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)
     finally:

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, BertJapaneseTokenizer, BertTokenizer, Pr
 import tokenization
 import train
 import utils
+from conftest import wait_for
 from tiny_models import FAMILIES
 from tokenization import Encoded, InputLayout, MecabWordPieceEncoder, SlowEncoder
 from utils import InputError
@@ -562,10 +563,7 @@ def test_a_run_waiting_for_the_lock_says_so(tokenizer, dataset_dir: Path, tmp_pa
         fcntl.flock(held, fcntl.LOCK_EX)  # another run is tokenising
         worker = threading.Thread(target=tokenize, args=(tokenizer, dataset_dir, tmp_path, lines))
         worker.start()
-        deadline = time.monotonic() + 120
-        while waiting not in lines and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert waiting in lines
+        wait_for(lambda: waiting in lines, 120, "the waiting line", interval=0.05)
         time.sleep(0.2)
         assert worker.is_alive() and not any(line.startswith("cache") for line in lines)  # it waits
         fcntl.flock(held, fcntl.LOCK_UN)
