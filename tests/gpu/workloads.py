@@ -5,8 +5,8 @@
 
 No MeCab here: the GPU image has no fugashi/unidic-lite (too big to carry), so the models use tokenizers
 built on the spot from the fixture corpus: a character BertTokenizer (WordPiece over single characters,
-transformers' Rust-backed class) for the BERTs, and a `tokenizers` BPE without a pad token, as real LLM
-tokenizers have none, for the tiny decoder of the LoRA check.
+transformers' Rust-backed class) for the BERTs, and tests/tiny_models.py's tiny Llama (a byte-level BPE without a
+pad token, as Llama's has none) for the LoRA check.
 """
 
 from __future__ import annotations
@@ -118,32 +118,10 @@ def build_char_bert(texts: list[str], output_dir: Path, sizes: dict, seed: int =
     return output_dir
 
 
-def build_tiny_decoder(texts: list[str], output_dir: Path, seed: int = 0) -> Path:
-    """A tiny Llama with random weights and a BPE tokenizer with no pad token (as LLM tokenizers ship)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    chars = len({char for text in texts for char in text})
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=chars + 300, special_tokens=["<unk>", "<s>", "</s>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=512)
-    check_no_unknown(tokenizer, texts)
-    tokenizer.save_pretrained(output_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    LlamaModel(config).save_pretrained(output_dir)
-    return output_dir
-
-
 def setup(work_dir: Path) -> dict:
     """Everything the checks read, under work_dir; returns their paths (also written to work_dir/setup.json)."""
     from tiny_bert import read_texts  # titles and bodies of train.jsonl (no MeCab needed)
+    from tiny_models import build_tiny_model  # its decoders need no MeCab either
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -155,7 +133,7 @@ def setup(work_dir: Path) -> dict:
         "dataset": str(dataset_dir),
         "tiny_bert": str(build_char_bert(texts, work_dir / "models" / "tiny-char-bert", {"hidden_size": 32, "num_hidden_layers": 2,
                                                                                           "num_attention_heads": 2, "intermediate_size": 128})),
-        "tiny_decoder": str(build_tiny_decoder(texts, work_dir / "models" / "tiny-llama")),
+        "tiny_decoder": str(build_tiny_model("llama", texts, work_dir / "models" / "tiny-llama")),  # BPE, no pad token
         "long_dataset": str(long_dir),
         "bert_base": str(build_char_bert(read_texts(long_dir), work_dir / "models" / "bert-base-sized", BERT_BASE)),
     }  # fmt: skip
@@ -179,9 +157,10 @@ def flops_per_token(model, seq_len: int) -> float:
 
 def peak_flops(device_name: str) -> float | None:
     """Dense bf16 tensor-core peak of the device (bench_train.PEAK_TFLOPS), FLOP/s."""
-    from bench_train import PEAK_TFLOPS
+    from bench_train import peak_tflops
 
-    return next((peak * 1e12 for name, peak in PEAK_TFLOPS if name.lower() in device_name.lower()), None)
+    peak = peak_tflops(device_name)
+    return None if peak is None else peak * 1e12
 
 
 # Steps compared by model_only: (optimizer, train.py's own step functions, when the step's loss is read).
